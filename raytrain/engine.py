@@ -1,0 +1,78 @@
+"""DeepSpeed: the engine config built from our sections, the LR schedule, and export to Hugging Face."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+from raytrain.config import DeepSpeedConfig, TrainConfig
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, use_gpu: bool, world: int) -> dict:
+    """ZeRO stage, clipping, AdamW; bf16 on GPU, fp32 on CPU.
+
+    Batch sizes vary per step (constant tokens, varying rows), so DeepSpeed's own
+    batch bookkeeping is set to one row per rank and the loop marks the
+    accumulation boundary itself (``set_gradient_accumulation_boundary``).
+    """
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        # torch_adam: torch's AdamW, no JIT-compiled fused kernel to build on first run.
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": train.weight_decay, "torch_adam": True}},
+        "bf16": {"enabled": use_gpu},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_engine(model, config: dict):
+    import deepspeed
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def lr_schedule(train: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    def lr_at(step: int) -> float:
+        if step < train.warmup_steps:
+            return train.lr * (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine)
+    return lr_at
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def export_hf(engine, tokenizer, directory: Path, rank: int, extra_files: dict[str, str] = {}) -> None:
+    """Write a Hugging Face model directory (fp32 safetensors + config + tokenizer) from any ZeRO stage.
+
+    Collective: every rank must call it (ZeRO-3 gathers its parameter shards).
+    """
+    import deepspeed
+    import torch
+
+    model = engine.module
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(directory)
+            for name, text in extra_files.items():
+                (directory / name).write_text(text)
+
+
+def worker_env(use_gpu: bool) -> None:
+    """Must run before deepspeed is imported in a worker: it picks its accelerator at import."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,37 @@
+"""Per-length validation loss and perplexity on deterministic, non-overlapping windows."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from raytrain.data import eval_offsets, gather_windows, micro_batches, shard
+from raytrain.loss import count_targets, window_loss
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over ranks
+
+
+@torch.no_grad()
+def evaluate(model, val: np.ndarray, lengths: list[int], tokens: int, batch_tokens: int,
+             rank: int = 0, world: int = 1, reduce: Reduce = lambda t: t) -> dict[str, float]:
+    """``val/loss@L`` and ``val/ppl@L`` for each L; the windows are split across ranks, the sums reduced."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = {}
+    for length in lengths:
+        offsets = eval_offsets(val.size, length, tokens)
+        mine = offsets[shard(offsets.size, rank, world)]
+        chunks = micro_batches(offsets.size, world, max(1, batch_tokens // length))
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target count)
+        for chunk in np.array_split(mine, chunks):
+            windows = gather_windows(val, chunk, length)
+            totals[0] += window_loss(model, torch.from_numpy(windows).to(device)).double()
+            totals[1] += count_targets(windows)
+        loss_sum, count = reduce(totals).tolist()
+        results[f"val/loss@{length}"] = loss_sum / count
+        results[f"val/ppl@{length}"] = math.exp(loss_sum / count)
+    model.train(was_training)
+    return results

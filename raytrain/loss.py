@@ -1,0 +1,43 @@
+"""Shifted next-token cross-entropy with shift-aware normalization.
+
+A micro-batch contributes ``sum of token losses / targets in the whole global
+step``: summing these over micro-batches and ranks gives the mean over the
+global batch, so the gradient equals one full-batch step whatever the split
+(no mean-of-means, the gradient-accumulation normalization bug).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def split_window(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L+1) windows -> (B, L) inputs and (B, L) targets: the shift."""
+    return windows[:, :-1], windows[:, 1:]
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies over valid targets; logits (B, L, V), targets (B, L)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_targets(windows) -> int:
+    """Valid targets in (B, L+1) windows (numpy or torch); counted before any device transfer."""
+    return int((windows[:, 1:] != IGNORE_INDEX).sum())
+
+
+def window_loss(model, windows: torch.Tensor) -> torch.Tensor:
+    """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
+
+    An empty batch (a rank with fewer rows than micro-batches) runs one
+    zero-weighted row instead, so every rank makes the same collective calls:
+    ZeRO-3 gathers parameters inside forward and backward.
+    """
+    if windows.shape[0] == 0:
+        dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
+        return window_loss(model, dummy) * 0.0
+    inputs, targets = split_window(windows)
+    return token_loss_sum(model(input_ids=inputs).logits, targets)

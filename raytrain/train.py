@@ -1,0 +1,198 @@
+"""The per-worker training loop and ``fit``, which runs it on Ray Train workers."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from raytrain.config import Config
+from raytrain.data import check_corpus, load_tokenizer, prepare_corpus, rank_batches
+from raytrain.lengths import build_schedule
+
+CHECKPOINT_TAG = "engine"
+
+
+def train_worker(payload: dict) -> None:
+    """One data-parallel rank: schedule the length, build the batch, forward, backward, step, log, evaluate."""
+    cfg = Config.model_validate(payload["config"])
+    run_dir = Path(payload["run_dir"])
+    from raytrain.engine import deepspeed_config, export_hf, init_engine, lr_schedule, set_lr, worker_env
+    worker_env(cfg.scaling.use_gpu)
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from raytrain.evaluate import evaluate
+    from raytrain.loss import count_targets, window_loss
+    from raytrain.model import build_model
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.run.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    corpus = prepare_corpus(cfg.data, tokenizer)
+    engine = init_engine(build_model(cfg.model, tokenizer),
+                         deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.use_gpu, world))
+    device = engine.device
+    schedule, lr_at = build_schedule(cfg.lengths, cfg.run.seed), lr_schedule(cfg.train)
+    micro_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
+
+    def reduce(tensor):
+        dist.all_reduce(tensor)
+        return tensor
+
+    def run_eval() -> dict:
+        return evaluate(engine, corpus.val, cfg.eval.lengths, cfg.eval.tokens, micro_tokens, rank, world, reduce)
+
+    log = RunLog(run_dir) if rank == 0 else None
+    step, tokens = resume(engine, log)
+    if step == 0:
+        record_eval(log, step, tokens, run_eval())
+    start, start_step = time.time(), step
+    interval_loss = torch.zeros((), dtype=torch.float64, device=device)  # local sum since the last log line
+    interval_tokens, interval_time = tokens, start
+    while step < cfg.train.max_steps:
+        length = schedule(step)
+        rows = cfg.train.tokens_per_step // length
+        chunks = rank_batches(corpus.train, cfg.run.seed, step, length, cfg.train.tokens_per_step, micro_tokens,
+                              rank, world)
+        # Normalize by the targets of the whole global step (summed over ranks), not per micro-batch.
+        targets = reduce(torch.tensor([sum(map(count_targets, chunks))], dtype=torch.float64, device=device)).item()
+        set_lr(engine, lr_at(step))
+        for i, chunk in enumerate(chunks):
+            engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+            loss_sum = window_loss(engine, torch.from_numpy(chunk).to(device))
+            # DeepSpeed averages gradients over ranks; * world turns that average back into the global sum.
+            engine.backward(loss_sum * (world / targets))
+            interval_loss += loss_sum.detach().double()
+        engine.step()
+        step, tokens = step + 1, tokens + int(targets)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            now = time.time()
+            record = {"step": step, "tokens": tokens, "seq_len": length, "rows": rows,
+                      "loss": reduce(interval_loss).item() / (tokens - interval_tokens), "lr": lr_at(step - 1),
+                      "tokens_per_s": (tokens - interval_tokens) / (now - interval_time), "elapsed_s": now - start}
+            if log:
+                log.metrics(record, max_steps=cfg.train.max_steps,
+                            eta_s=(now - start) / (step - start_step) * (cfg.train.max_steps - step))
+            interval_loss.zero_()
+            interval_tokens, interval_time = tokens, now
+        evaluate_now = step % cfg.eval.every == 0 or step == cfg.train.max_steps
+        if evaluate_now:
+            metrics = record_eval(log, step, tokens, run_eval())
+            report(engine, metrics | {"step": step, "tokens": tokens}, rank)
+
+    export_hf(engine, tokenizer, run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
+
+
+def record_eval(log, step: int, tokens: int, results: dict) -> dict:
+    if log:
+        log.eval({"step": step, "tokens": tokens, **results})
+    return results
+
+
+def report(engine, metrics: dict, rank: int) -> None:
+    """Save every rank's DeepSpeed shards into one Ray checkpoint, with the loop state to resume from."""
+    import ray.train
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={})
+        if rank == 0:
+            Path(tmp, "state.json").write_text(json.dumps({"step": metrics["step"], "tokens": metrics["tokens"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def resume(engine, log) -> tuple[int, int]:
+    """(step, tokens) of the newest checkpoint, its engine state loaded; (0, 0) for a fresh run."""
+    import ray.train
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        state = json.loads(Path(directory, "state.json").read_text())
+    if log:
+        log.truncate_after(state["step"])
+    return state["step"], state["tokens"]
+
+
+class RunLog:
+    """Rank 0's files in the run directory: metrics.jsonl, eval.jsonl, and the log line."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def metrics(self, record: dict, eta_s: float, max_steps: int) -> None:
+        self._append("metrics.jsonl", record)
+        _say(f"step {record['step']}/{max_steps} | seq_len {record['seq_len']} | rows {record['rows']} | "
+              f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+              f"elapsed {timedelta(seconds=round(record['elapsed_s']))} | ETA {timedelta(seconds=round(eta_s))}")
+
+    def eval(self, record: dict) -> None:
+        self._append("eval.jsonl", record)
+        losses = "  ".join(f"{k.split('@')[1]}: {v:.4f}" for k, v in record.items() if k.startswith("val/loss@"))
+        _say(f"eval step {record['step']} | val loss by length  {losses}")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records a crashed attempt wrote after the checkpoint it resumes from."""
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def _append(self, name: str, record: dict) -> None:
+        with (self.run_dir / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train patches print in workers and would echo each line twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# --- driver -------------------------------------------------------------------
+
+def run_directory(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.lengths.schedule}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(cfg.run.dir).expanduser().resolve() / name
+
+
+def fit(cfg: Config):
+    """Check the data, start (or join) Ray, and run ``train_worker`` on ``scaling.num_workers`` workers."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytrain.model import check_vocab
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_vocab(cfg.model, tokenizer, cfg.tokenizer)
+    corpus = prepare_corpus(cfg.data, tokenizer)
+    check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
+
+    run_dir = run_directory(cfg)
+    cfg.run.name = run_dir.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu"}})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    result = trainer.fit()
+    print(f"run directory: {run_dir}")
+    return result
