@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One token cache for the session: the built-in corpus is tokenized once."""
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every integration test (start-up costs tens of seconds)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from raytrain.data import byte_tokenizer
+    return byte_tokenizer()

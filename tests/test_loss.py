@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from raytrain.data import rank_batches
+from raytrain.loss import count_targets, token_loss_sum, window_loss
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    return LlamaForCausalLM(config).double()
+
+
+def test_loss_equals_transformers_causal_lm_loss(model):
+    windows = torch.randint(0, 50, (3, 17))
+    reference = model(input_ids=windows, labels=windows).loss  # transformers shifts internally
+    logits = model(input_ids=windows).logits[:, :-1]
+    ours = token_loss_sum(logits, windows[:, 1:]) / count_targets(windows)
+    assert count_targets(windows) == 3 * 16
+    assert ours.item() == pytest.approx(reference.item(), abs=1e-10)
+
+
+def test_ignored_targets_are_not_counted(model):
+    windows = torch.randint(0, 50, (2, 9))
+    windows[0, 5] = -100
+    assert count_targets(windows) == 2 * 8 - 1
+    logits = model(input_ids=windows.clamp(min=0)).logits[:, :-1]
+    labels = windows.clone()
+    reference = model(input_ids=windows.clamp(min=0), labels=labels).loss
+    assert (token_loss_sum(logits, windows[:, 1:]) / count_targets(windows)).item() == \
+        pytest.approx(reference.item(), abs=1e-10)
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+
+
+def split_gradient(model, stream, world, micro_tokens, length=16, tokens_per_step=7 * 16):
+    """Gradient as the training loop makes it: per rank, micro-batches scaled by world / global targets;
+    then averaged over ranks, as DeepSpeed's data-parallel reduction does."""
+    per_rank = [rank_batches(stream, 0, 5, length, tokens_per_step, micro_tokens, r, world) for r in range(world)]
+    targets = sum(count_targets(c) for chunks in per_rank for c in chunks)
+    total = 0
+    for chunks in per_rank:
+        assert len(chunks) == len(per_rank[0])  # the same number of collective calls on every rank
+        model.zero_grad()
+        for chunk in chunks:
+            (window_loss(model, torch.from_numpy(chunk)) * (world / targets)).backward()
+        total = total + grads(model)
+    return total / world
+
+
+def test_gradient_is_the_same_for_any_split(model):
+    stream = np.random.default_rng(0).integers(0, 50, 5000)
+    full = rank_batches(stream, 0, 5, 16, 7 * 16, 10**9, 0, 1)
+    assert len(full) == 1 and full[0].shape == (7, 17)
+    model.zero_grad()
+    inputs = torch.from_numpy(full[0])
+    model(input_ids=inputs, labels=inputs).loss.backward()  # the whole global batch at once
+    reference = grads(model)
+    # 7 rows: 2 ranks x 2 micro-batches (uneven: 3 and 4 rows), and 1 rank x 4 micro-batches.
+    for world, micro_tokens in [(2, 2 * 16), (1, 2 * 16), (2, 1 * 16)]:
+        got = split_gradient(model, stream, world, micro_tokens)
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+    assert len(rank_batches(stream, 0, 5, 16, 7 * 16, 2 * 16, 0, 2)) == 2
+    assert len(rank_batches(stream, 0, 5, 16, 7 * 16, 2 * 16, 0, 1)) == 4
+
+
+def test_empty_micro_batch_contributes_nothing(model):
+    model.zero_grad()
+    loss = window_loss(model, torch.zeros((0, 9), dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and p.grad.abs().max().item() == 0.0 for p in model.parameters())

@@ -1,0 +1,112 @@
+"""Integration: real Ray Train workers running real DeepSpeed engines on CPU."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raytrain.cli import main
+from raytrain.config import load_config
+from raytrain.lengths import build_schedule
+
+pytestmark = pytest.mark.ray
+
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
+        "lengths.min=32", "lengths.max=128", "lengths.multiple_of=32",
+        "train.tokens_per_step=1024", "train.max_steps=6", "train.log_every=1", "train.warmup_steps=2",
+        "train.micro_batch_tokens=256", "eval.lengths=[64,256]", "eval.every=3", "eval.tokens=2048"]
+RUNS = {  # name: extra overrides
+    "zero1": ["deepspeed.zero_stage=1"],  # through the CLI, end to end
+    "zero2": ["deepspeed.zero_stage=2"],
+    "zero3": ["deepspeed.zero_stage=3"],
+    "one_worker": ["deepspeed.zero_stage=0", "scaling.num_workers=1"],  # 1 rank x 4 micro-batches
+}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, cache_dir, tmp_path_factory):
+    from raytrain.train import fit
+    root = tmp_path_factory.mktemp("runs")
+    common = TINY + [f"data.cache_dir={cache_dir}", f"run.dir={root}"]
+    for name, extra in RUNS.items():
+        overrides = common + extra + [f"run.name={name}"]
+        if name == "zero1":
+            assert main(["train", *overrides]) == 0
+        else:
+            fit(load_config(None, overrides))
+    return root
+
+
+def test_run_directory_files(runs):
+    run = runs / "zero1"
+    cfg = load_config(str(run / "config.yaml"))
+    assert cfg.run.name == "zero1" and cfg.deepspeed.zero_stage == 1 and cfg.train.max_steps == 6
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "tokens", "seq_len", "loss", "lr", "tokens_per_s"} <= set(metrics[0])
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    assert set(evals[0]) == {"step", "tokens", "val/loss@64", "val/ppl@64", "val/loss@256", "val/ppl@256"}
+    assert sorted(run.glob("checkpoint_*"))  # Ray checkpoints with every rank's shards
+    shards = {p.name for p in next(run.glob("checkpoint_*")).rglob("*.pt")}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
+
+
+def test_lengths_and_token_counts_follow_the_schedule(runs):
+    metrics = read_jsonl(runs / "zero1" / "metrics.jsonl")
+    schedule = build_schedule({"schedule": "uniform", "min": 32, "max": 128, "multiple_of": 32}, seed=0)
+    lengths = [schedule(step) for step in range(6)]
+    assert [m["seq_len"] for m in metrics] == lengths
+    assert [m["rows"] for m in metrics] == [1024 // L for L in lengths]
+    tokens, expected = 0, []
+    for L in lengths:
+        tokens += (1024 // L) * L
+        expected.append(tokens)
+    assert [m["tokens"] for m in metrics] == expected
+
+
+def test_loss_starts_near_uniform_and_falls(runs):
+    metrics = read_jsonl(runs / "zero1" / "metrics.jsonl")
+    evals = read_jsonl(runs / "zero1" / "eval.jsonl")
+    assert abs(evals[0]["val/loss@64"] - torch.log(torch.tensor(257.0)).item()) < 0.3
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.3
+    assert evals[-1]["val/loss@64"] < evals[0]["val/loss@64"] - 0.3
+    assert evals[-1]["val/ppl@64"] == pytest.approx(torch.exp(torch.tensor(evals[-1]["val/loss@64"])).item())
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_zero_stages_match_step_for_step(runs, name):
+    reference = read_jsonl(runs / "zero1" / "metrics.jsonl")
+    other = read_jsonl(runs / name / "metrics.jsonl")
+    assert [m["seq_len"] for m in other] == [m["seq_len"] for m in reference]
+    assert [m["loss"] for m in other] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
+    assert read_jsonl(runs / name / "eval.jsonl")[-1]["val/loss@256"] == \
+        pytest.approx(read_jsonl(runs / "zero1" / "eval.jsonl")[-1]["val/loss@256"], rel=1e-5)
+
+
+def test_one_worker_sees_the_same_data_and_losses(runs):
+    two = read_jsonl(runs / "zero1" / "metrics.jsonl")
+    one = read_jsonl(runs / "one_worker" / "metrics.jsonl")
+    assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
+    assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero3"])
+def test_exported_model_reloads_and_evaluates_to_the_reported_loss(runs, name, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = runs / name / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    assert AutoTokenizer.from_pretrained(model_dir, local_files_only=True).eos_token_id == 256
+    assert sum(p.numel() for p in model.parameters()) > 0
+    capsys.readouterr()
+    assert main(["eval", str(model_dir)]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    reported = read_jsonl(runs / name / "eval.jsonl")[-1]
+    for key in ("val/loss@64", "val/loss@256"):
+        assert ours[key] == pytest.approx(reported[key], abs=1e-5)
+    assert yaml.safe_load((model_dir / "raytrain.yaml").read_text())["run"]["name"] == name
