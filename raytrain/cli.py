@@ -67,7 +67,8 @@ def evaluate_dir(args) -> dict:
     check_corpus(corpus, 0, cfg.eval.lengths)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     batch_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
-    return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens)
+    eot = None if cfg.data.cross_documents else tokenizer.eos_token_id
+    return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens, eot=eot)
 
 
 def _indent(text: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -43,6 +43,10 @@ class DataConfig(Section):
     """Field holding the text in .jsonl and .parquet files."""
     val_fraction: float = Field(0.02, gt=0, lt=0.5)
     """Fraction of the token stream (its tail) held out for validation."""
+    windows: Literal["random", "sequential"] = "random"
+    """random: window starts drawn per step; sequential: consecutive windows, each token a target once per epoch."""
+    cross_documents: bool = True
+    """false: no target is predicted from another document's context (attention blocked and positions restarted at each end-of-text token)."""
     cache_dir: str = "~/.cache/raytrain"
     """Where tokenized corpora are cached (keyed by inputs and tokenizer; re-used when unchanged)."""
 
@@ -56,6 +60,16 @@ class LengthsConfig(Section):
     """Longest training length; the fixed schedule always uses it."""
     multiple_of: int = Field(8, ge=1)
     """Every length is a multiple of this (keeps kernels efficient)."""
+    warmup_steps: int = Field(0, ge=0)
+    """linear/root: steps to grow from min to max; uniform: steps over which its upper bound grows from min to max (0: none)."""
+    root_degree: float = Field(2.0, ge=1)
+    """root: the curriculum grows like (t / warmup_steps) ** (1 / root_degree)."""
+    stages: list[tuple[int, int]] = Field(default_factory=list)
+    """staged: [[until_step, length], ...]: length for steps before until_step; lengths.max after the last stage."""
+    cycles: int = Field(1, ge=1)
+    """pow2: times the short-to-long mixture sweep repeats over the run."""
+    by: Literal["steps", "tokens"] = "steps"
+    """Clock the schedule runs on: optimizer steps, or tokens seen / train.tokens_per_step."""
 
     @field_validator("schedule")
     @classmethod
@@ -76,6 +90,8 @@ class TrainConfig(Section):
     """Peak learning rate (AdamW)."""
     warmup_steps: int = Field(20, ge=0)
     """Linear LR warmup steps; cosine decay to min_lr_ratio * lr follows."""
+    lr_by: Literal["steps", "tokens"] = "steps"
+    """Clock the LR schedule runs on: optimizer steps, or tokens seen / tokens_per_step."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final LR as a fraction of lr."""
     weight_decay: float = Field(0.1, ge=0)
@@ -216,6 +232,8 @@ def _cross_problems(s: dict) -> list:
             if value % m:
                 problems.append((f"lengths.{key}", value,
                                  f"must be a multiple of lengths.multiple_of ({m}); try {max(m, value // m * m)}"))
+    if lengths:
+        problems += _schedule_problems(lengths)
     if lengths and train:
         if train.tokens_per_step < lengths.max:
             problems.append(("train.tokens_per_step", train.tokens_per_step,
@@ -256,6 +274,27 @@ def _cross_problems(s: dict) -> list:
     if model and model.pretrained and not (Path(model.pretrained).expanduser() / "config.json").is_file():
         problems.append(("model.pretrained", model.pretrained,
                          "must be a local Hugging Face model directory (with config.json)"))
+    return problems
+
+
+def _schedule_problems(lengths: LengthsConfig) -> list:
+    from raytrain.lengths import pow2_lengths
+    problems, m = [], lengths.multiple_of
+    if lengths.schedule == "staged":
+        if not lengths.stages:
+            problems.append(("lengths.stages", [], "the staged schedule needs [[until_step, length], ...]"))
+        untils = [until for until, _ in lengths.stages]
+        if untils != sorted(set(untils)):
+            problems.append(("lengths.stages", lengths.stages, "until_step values must strictly increase"))
+        for until, length in lengths.stages:
+            if not lengths.min <= length <= lengths.max or length % m:
+                problems.append(("lengths.stages", [until, length],
+                                 f"stage length must be a multiple of {m} in [lengths.min, lengths.max] = "
+                                 f"[{lengths.min}, {lengths.max}]"))
+    if lengths.schedule == "pow2" and not [b for b in pow2_lengths(lengths.min, lengths.max) if b % m == 0]:
+        problems.append(("lengths.schedule", "pow2",
+                         f"no power of two that is a multiple of {m} lies in [lengths.min, lengths.max] = "
+                         f"[{lengths.min}, {lengths.max}]; widen the range"))
     return problems
 
 

@@ -215,12 +215,46 @@ def check_corpus(corpus: Corpus, longest_train: int, eval_lengths: list[int]) ->
 
 # --- windows ------------------------------------------------------------------
 
-def step_offsets(n_tokens: int, seed: int, step: int, length: int, rows: int) -> np.ndarray:
-    """Start offsets of the global batch's windows: a pure function of (seed, step, length, rows).
-
-    Independent of the number of workers and micro-batches, which only slice this array.
-    """
+def random_offsets(n_tokens: int, seed: int, step: int, length: int, rows: int) -> np.ndarray:
+    """Uniformly random window starts: a pure function of (seed, step, length, rows)."""
     return step_rng(seed, step, WINDOW_STREAM).integers(0, n_tokens - length, size=rows)
+
+
+class SequentialOffsets:
+    """Consecutive windows through the stream, whatever each step's L: every token is a target once per epoch.
+
+    A window that would cross the end of the stream starts the next epoch at 0
+    instead (the < L tokens left at the end of an epoch are skipped). The
+    cursor before each step is a pure function of the earlier steps' lengths,
+    computed once and memoized, so a resumed run continues where it left off.
+    """
+
+    def __init__(self, n_tokens: int, schedule, tokens_per_step: int):
+        self.n_tokens, self.schedule, self.tokens_per_step = n_tokens, schedule, tokens_per_step
+        self.cursor = [0]  # start of the next window before step i
+
+    def _lay(self, start: int, length: int, rows: int) -> tuple[np.ndarray, int]:
+        offsets, cursor = [], start
+        for _ in range(rows):
+            if cursor + length >= self.n_tokens:  # the window's last token would be past the end
+                cursor = 0
+            offsets.append(cursor)
+            cursor += length  # the next window's first input is this one's last target
+        return np.asarray(offsets, dtype=np.int64), cursor
+
+    def __call__(self, step: int, length: int, rows: int) -> np.ndarray:
+        while len(self.cursor) <= step:
+            i = len(self.cursor) - 1
+            n = self.schedule(i)
+            self.cursor.append(self._lay(self.cursor[i], n, self.tokens_per_step // n)[1])
+        return self._lay(self.cursor[step], length, rows)[0]
+
+
+def window_offsets(mode: str, n_tokens: int, seed: int, schedule, tokens_per_step: int):
+    """``offsets(step, length, rows)`` for ``data.windows``: the global batch's window starts."""
+    if mode == "sequential":
+        return SequentialOffsets(n_tokens, schedule, tokens_per_step)
+    return lambda step, length, rows: random_offsets(n_tokens, seed, step, length, rows)
 
 
 def gather_windows(stream: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
@@ -246,15 +280,14 @@ def micro_batches(rows: int, world: int, rows_per_micro: int) -> int:
     return -(-most // rows_per_micro)
 
 
-def rank_batches(stream: np.ndarray, seed: int, step: int, length: int, tokens_per_step: int,
-                 micro_tokens: int, rank: int, world: int) -> list[np.ndarray]:
-    """This rank's micro-batches of (rows, L+1) windows for ``step`` at ``length``.
+def rank_batches(stream: np.ndarray, offsets: np.ndarray, length: int, micro_tokens: int,
+                 rank: int, world: int) -> list[np.ndarray]:
+    """This rank's micro-batches of (rows, L+1) windows, from the global batch's window ``offsets``.
 
-    The global batch is ``tokens_per_step // length`` windows fixed by (seed, step);
-    ranks take contiguous shares and cut them into equally many micro-batches
-    (one may be empty when a share is smaller than the count).
+    The global batch is fixed by the step; ranks take contiguous shares and cut
+    them into equally many micro-batches (one may be empty when a share is
+    smaller than the count).
     """
-    rows = tokens_per_step // length
-    offsets = step_offsets(stream.size, seed, step, length, rows)[shard(rows, rank, world)]
-    windows = gather_windows(stream, offsets, length)
+    rows = offsets.size
+    windows = gather_windows(stream, offsets[shard(rows, rank, world)], length)
     return np.array_split(windows, micro_batches(rows, world, max(1, micro_tokens // length)))

@@ -37,9 +37,12 @@ def init_engine(model, config: dict):
     return engine
 
 
-def lr_schedule(train: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
-    def lr_at(step: int) -> float:
+def lr_schedule(train: TrainConfig) -> Callable[[float], float]:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``.
+
+    ``step`` is the clock in steps (fractional when driven by tokens seen).
+    """
+    def lr_at(step: float) -> float:
         if step < train.warmup_steps:
             return train.lr * (step + 1) / train.warmup_steps
         progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)

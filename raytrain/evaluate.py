@@ -15,8 +15,12 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over ranks
 
 @torch.no_grad()
 def evaluate(model, val: np.ndarray, lengths: list[int], tokens: int, batch_tokens: int,
-             rank: int = 0, world: int = 1, reduce: Reduce = lambda t: t) -> dict[str, float]:
-    """``val/loss@L`` and ``val/ppl@L`` for each L; the windows are split across ranks, the sums reduced."""
+             rank: int = 0, world: int = 1, reduce: Reduce = lambda t: t, eot: int | None = None
+             ) -> dict[str, float]:
+    """``val/loss@L`` and ``val/ppl@L`` for each L; the windows are split across ranks, the sums reduced.
+
+    ``eot`` given: documents are kept apart, as in training with ``data.cross_documents: false``.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -28,7 +32,7 @@ def evaluate(model, val: np.ndarray, lengths: list[int], tokens: int, batch_toke
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target count)
         for chunk in np.array_split(mine, chunks):
             windows = gather_windows(val, chunk, length)
-            totals[0] += window_loss(model, torch.from_numpy(windows).to(device)).double()
+            totals[0] += window_loss(model, torch.from_numpy(windows).to(device), eot).double()
             totals[1] += count_targets(windows)
         loss_sum, count = reduce(totals).tolist()
         results[f"val/loss@{length}"] = loss_sum / count

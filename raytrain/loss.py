@@ -29,15 +29,29 @@ def count_targets(windows) -> int:
     return int((windows[:, 1:] != IGNORE_INDEX).sum())
 
 
-def window_loss(model, windows: torch.Tensor) -> torch.Tensor:
+def document_positions(inputs: torch.Tensor, eot: int) -> torch.Tensor:
+    """Position ids that restart at 0 at every end-of-text token, which opens the next document.
+
+    transformers reads restarting positions as packed sequences and blocks
+    attention across them, so no target sees another document's tokens.
+    """
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    starts = torch.where(inputs == eot, index, torch.zeros_like(index))
+    return index - torch.cummax(starts, dim=1).values
+
+
+def window_loss(model, windows: torch.Tensor, eot: int | None = None) -> torch.Tensor:
     """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
 
+    ``eot`` given: documents are kept apart (``document_positions``).
     An empty batch (a rank with fewer rows than micro-batches) runs one
     zero-weighted row instead, so every rank makes the same collective calls:
     ZeRO-3 gathers parameters inside forward and backward.
     """
     if windows.shape[0] == 0:
         dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
-        return window_loss(model, dummy) * 0.0
+        return window_loss(model, dummy, eot) * 0.0
     inputs, targets = split_window(windows)
-    return token_loss_sum(model(input_ids=inputs).logits, targets)
+    positions = None if eot is None else document_positions(inputs, eot)
+    logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
+    return token_loss_sum(logits, targets)

@@ -9,8 +9,8 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from raytrain.config import Config
-from raytrain.data import check_corpus, load_tokenizer, prepare_corpus, rank_batches
+from raytrain.config import Config, ConfigError
+from raytrain.data import check_corpus, load_tokenizer, prepare_corpus, rank_batches, window_offsets
 from raytrain.lengths import build_schedule
 
 CHECKPOINT_TAG = "engine"
@@ -39,56 +39,80 @@ def train_worker(payload: dict) -> None:
     engine = init_engine(build_model(cfg.model, tokenizer),
                          deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.use_gpu, world))
     device = engine.device
-    schedule, lr_at = build_schedule(cfg.lengths, cfg.run.seed), lr_schedule(cfg.train)
-    micro_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
+    train, per_step = cfg.train, cfg.train.tokens_per_step
+    schedule = build_schedule(cfg.lengths, cfg.run.seed, train.max_steps, per_step)
+    offsets_at = window_offsets(cfg.data.windows, corpus.train.size, cfg.run.seed, schedule, per_step)
+    lr_at = lr_schedule(train)
+    micro_tokens = train.micro_batch_tokens or per_step
+    eot = None if cfg.data.cross_documents else tokenizer.eos_token_id
 
     def reduce(tensor):
         dist.all_reduce(tensor)
         return tensor
 
     def run_eval() -> dict:
-        return evaluate(engine, corpus.val, cfg.eval.lengths, cfg.eval.tokens, micro_tokens, rank, world, reduce)
+        return evaluate(engine, corpus.val, cfg.eval.lengths, cfg.eval.tokens, micro_tokens, rank, world, reduce,
+                        eot)
 
     log = RunLog(run_dir) if rank == 0 else None
     step, tokens = resume(engine, log)
     if step == 0:
         record_eval(log, step, tokens, run_eval())
+    probe_memory(engine, cfg.lengths.max, micro_tokens, device, eot, log)
     start, start_step = time.time(), step
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)  # local sum since the last log line
     interval_tokens, interval_time = tokens, start
-    while step < cfg.train.max_steps:
+    while step < train.max_steps:
         length = schedule(step)
-        rows = cfg.train.tokens_per_step // length
-        chunks = rank_batches(corpus.train, cfg.run.seed, step, length, cfg.train.tokens_per_step, micro_tokens,
-                              rank, world)
+        rows = per_step // length
+        chunks = rank_batches(corpus.train, offsets_at(step, length, rows), length, micro_tokens, rank, world)
         # Normalize by the targets of the whole global step (summed over ranks), not per micro-batch.
         targets = reduce(torch.tensor([sum(map(count_targets, chunks))], dtype=torch.float64, device=device)).item()
-        set_lr(engine, lr_at(step))
+        set_lr(engine, lr_at(step if train.lr_by == "steps" else tokens / per_step))
         for i, chunk in enumerate(chunks):
             engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            loss_sum = window_loss(engine, torch.from_numpy(chunk).to(device))
+            loss_sum = window_loss(engine, torch.from_numpy(chunk).to(device), eot)
             # DeepSpeed averages gradients over ranks; * world turns that average back into the global sum.
             engine.backward(loss_sum * (world / targets))
             interval_loss += loss_sum.detach().double()
         engine.step()
         step, tokens = step + 1, tokens + int(targets)
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if step % train.log_every == 0 or step == train.max_steps:
             now = time.time()
             record = {"step": step, "tokens": tokens, "seq_len": length, "rows": rows,
-                      "loss": reduce(interval_loss).item() / (tokens - interval_tokens), "lr": lr_at(step - 1),
+                      "loss": reduce(interval_loss).item() / (tokens - interval_tokens),
+                      "lr": engine.optimizer.param_groups[0]["lr"],
                       "tokens_per_s": (tokens - interval_tokens) / (now - interval_time), "elapsed_s": now - start}
             if log:
-                log.metrics(record, max_steps=cfg.train.max_steps,
-                            eta_s=(now - start) / (step - start_step) * (cfg.train.max_steps - step))
+                log.metrics(record, max_steps=train.max_steps,
+                            eta_s=(now - start) / (step - start_step) * (train.max_steps - step))
             interval_loss.zero_()
             interval_tokens, interval_time = tokens, now
-        evaluate_now = step % cfg.eval.every == 0 or step == cfg.train.max_steps
-        if evaluate_now:
+        if step % cfg.eval.every == 0 or step == train.max_steps:
+            paused = time.time()
             metrics = record_eval(log, step, tokens, run_eval())
             report(engine, metrics | {"step": step, "tokens": tokens}, rank)
+            interval_time += time.time() - paused  # tokens/s measures training, not evaluation
 
     export_hf(engine, tokenizer, run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
+
+
+def probe_memory(engine, longest: int, micro_tokens: int, device, eot, log) -> None:
+    """Forward and backward one micro-batch at the longest length before training, weighted by zero.
+
+    An out-of-memory then shows at step 0, not hours in (Composer's and
+    OLMo-core's pre-allocation). The gradients it leaves are exact zeros,
+    accumulated into the first step without changing it; no optimizer step runs.
+    """
+    import torch
+
+    from raytrain.loss import window_loss
+    rows = max(1, micro_tokens // longest)
+    if log:
+        _say(f"memory probe: forward/backward of {rows} x {longest} tokens (the longest micro-batch) before step 1")
+    engine.set_gradient_accumulation_boundary(False)
+    engine.backward(window_loss(engine, torch.zeros((rows, longest + 1), dtype=torch.long, device=device), eot) * 0.0)
 
 
 def record_eval(log, step: int, tokens: int, results: dict) -> dict:
@@ -175,6 +199,9 @@ def fit(cfg: Config):
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(cfg.model, tokenizer, cfg.tokenizer)
+    if not cfg.data.cross_documents and tokenizer.eos_token_id is None:
+        raise ConfigError([("data.cross_documents", False,
+                            f"needs an end-of-text token to find documents; tokenizer {cfg.tokenizer} has none")])
     corpus = prepare_corpus(cfg.data, tokenizer)
     check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
 

@@ -98,3 +98,20 @@ def test_help_documents_every_key(capsys):
         keys = getattr(field.annotation, "model_fields", {None: None})
         for key in keys:
             assert (f"{section}.{key} (default" if key else f"{section} (default") in out
+
+
+def test_schedule_mistakes():
+    found, _ = problems("lengths.schedule=staged", "lengths.min=64", "lengths.max=256",
+                        "lengths.stages=[[20, 64], [10, 128], [30, 512]]")
+    assert found["lengths.stages"] in [([30, 512], "stage length must be a multiple of 8 in [lengths.min, "
+                                        "lengths.max] = [64, 256]"),
+                                       ([(20, 64), (10, 128), (30, 512)], "until_step values must strictly increase")]
+    _, text = problems("lengths.schedule=staged", "lengths.stages=[[20, 64], [10, 128], [30, 512]]")
+    assert "until_step values must strictly increase" in text and "[30, 512]: stage length must be" in text
+    found, _ = problems("lengths.schedule=pow2", "lengths.min=72", "lengths.max=120")
+    assert found["lengths.schedule"][1].startswith("no power of two that is a multiple of 8 lies in")
+    found, _ = problems("lengths.root_degree=0.5", "lengths.warmup_steps=-3")
+    assert found["lengths.root_degree"] == (0.5, "Input should be greater than or equal to 1")
+    assert found["lengths.warmup_steps"] == (-3, "Input should be greater than or equal to 0")
+    found, _ = problems("lengths.schedule=staged")
+    assert found["lengths.stages"][1] == "the staged schedule needs [[until_step, length], ...]"

@@ -7,8 +7,8 @@ import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from raytrain.config import ConfigError, DataConfig, ModelConfig
-from raytrain.data import (check_corpus, eval_offsets, gather_windows, prepare_corpus, rank_batches,
-                           step_offsets)
+from raytrain.data import (SequentialOffsets, check_corpus, eval_offsets, gather_windows, prepare_corpus,
+                           random_offsets, rank_batches)
 from raytrain.model import check_vocab
 
 TEXT = "def f(x):\n    return x * 2  # é€\n"
@@ -96,12 +96,11 @@ def test_step_batch_shapes_budget_and_no_padding():
     stream = np.arange(10_000) % 251
     for length in (8, 24, 128):
         rows = 1000 // length
-        chunks = rank_batches(stream, seed=1, step=4, length=length, tokens_per_step=1000,
-                              micro_tokens=10**9, rank=0, world=1)
+        offsets = random_offsets(stream.size, 1, 4, length, rows)
+        chunks = rank_batches(stream, offsets, length, micro_tokens=10**9, rank=0, world=1)
         windows = np.concatenate(chunks)
         assert windows.shape == (rows, length + 1)
         assert 1000 - length < rows * length <= 1000  # constant token budget
-        offsets = step_offsets(stream.size, 1, 4, length, rows)
         for row, start in zip(windows, offsets):  # every window is a contiguous slice: nothing padded
             assert row.tolist() == stream[start:start + length + 1].tolist()
 
@@ -109,8 +108,9 @@ def test_step_batch_shapes_budget_and_no_padding():
 @pytest.mark.parametrize("world,micro_tokens", [(2, 10**9), (2, 64), (3, 40), (1, 64)])
 def test_global_batch_is_independent_of_workers_and_micro_batches(world, micro_tokens):
     stream = np.random.default_rng(0).integers(0, 257, 50_000)
-    reference = np.concatenate(rank_batches(stream, 0, 9, 32, 32 * 13, 10**9, 0, 1))
-    parts = [rank_batches(stream, 0, 9, 32, 32 * 13, micro_tokens, r, world) for r in range(world)]
+    offsets = random_offsets(stream.size, 0, 9, 32, 13)
+    reference = np.concatenate(rank_batches(stream, offsets, 32, 10**9, 0, 1))
+    parts = [rank_batches(stream, offsets, 32, micro_tokens, r, world) for r in range(world)]
     assert len({len(p) for p in parts}) == 1  # equally many micro-batches on every rank
     assert all(c.shape[0] <= max(1, micro_tokens // 32) for p in parts for c in p)
     assert np.array_equal(np.concatenate([c for p in parts for c in p]), reference)
@@ -123,3 +123,28 @@ def test_eval_windows_do_not_overlap():
     targets = windows[:, 1:].flatten()
     assert len(set(targets.tolist())) == targets.size == 15 * 64
     assert eval_offsets(1000, 64, 200).size == 3
+
+
+def test_sequential_windows_target_every_token_once_per_epoch():
+    n = 5_000
+    lengths = [64, 16, 128, 48, 16, 96] * 40
+    windows = SequentialOffsets(n, lambda step: lengths[step], tokens_per_step=512)
+    targets = []
+    for step, length in enumerate(lengths):
+        rows = 512 // length
+        for start in windows(step, length, rows):
+            assert 0 <= start and start + length < n  # the whole window lies in the stream
+            targets.extend(range(start + 1, start + length + 1))
+    epochs, current = [], []
+    for t in targets:  # an epoch ends where the targets jump back to the start
+        if current and t <= current[-1]:
+            epochs.append(current)
+            current = []
+        current.append(t)
+    assert len(epochs) >= 2
+    for epoch in epochs:
+        assert epoch == list(range(1, len(epoch) + 1))  # consecutive, none twice, none skipped
+        assert n - 1 - len(epoch) < 128  # only a tail shorter than one window is left out
+    fresh = SequentialOffsets(n, lambda step: lengths[step], tokens_per_step=512)
+    assert fresh(100, lengths[100], 512 // lengths[100]).tolist() == \
+        windows(100, lengths[100], 512 // lengths[100]).tolist()  # a resumed run continues exactly

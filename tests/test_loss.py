@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from raytrain.data import rank_batches
+from raytrain.data import random_offsets, rank_batches
 from raytrain.loss import count_targets, token_loss_sum, window_loss
 
 
@@ -42,7 +42,8 @@ def grads(model):
 def split_gradient(model, stream, world, micro_tokens, length=16, tokens_per_step=7 * 16):
     """Gradient as the training loop makes it: per rank, micro-batches scaled by world / global targets;
     then averaged over ranks, as DeepSpeed's data-parallel reduction does."""
-    per_rank = [rank_batches(stream, 0, 5, length, tokens_per_step, micro_tokens, r, world) for r in range(world)]
+    offsets = random_offsets(stream.size, 0, 5, length, tokens_per_step // length)
+    per_rank = [rank_batches(stream, offsets, length, micro_tokens, r, world) for r in range(world)]
     targets = sum(count_targets(c) for chunks in per_rank for c in chunks)
     total = 0
     for chunks in per_rank:
@@ -56,7 +57,8 @@ def split_gradient(model, stream, world, micro_tokens, length=16, tokens_per_ste
 
 def test_gradient_is_the_same_for_any_split(model):
     stream = np.random.default_rng(0).integers(0, 50, 5000)
-    full = rank_batches(stream, 0, 5, 16, 7 * 16, 10**9, 0, 1)
+    offsets = random_offsets(stream.size, 0, 5, 16, 7)
+    full = rank_batches(stream, offsets, 16, 10**9, 0, 1)
     assert len(full) == 1 and full[0].shape == (7, 17)
     model.zero_grad()
     inputs = torch.from_numpy(full[0])
@@ -66,8 +68,8 @@ def test_gradient_is_the_same_for_any_split(model):
     for world, micro_tokens in [(2, 2 * 16), (1, 2 * 16), (2, 1 * 16)]:
         got = split_gradient(model, stream, world, micro_tokens)
         torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
-    assert len(rank_batches(stream, 0, 5, 16, 7 * 16, 2 * 16, 0, 2)) == 2
-    assert len(rank_batches(stream, 0, 5, 16, 7 * 16, 2 * 16, 0, 1)) == 4
+    assert len(rank_batches(stream, offsets, 16, 2 * 16, 0, 2)) == 2
+    assert len(rank_batches(stream, offsets, 16, 2 * 16, 0, 1)) == 4
 
 
 def test_empty_micro_batch_contributes_nothing(model):
@@ -76,3 +78,28 @@ def test_empty_micro_batch_contributes_nothing(model):
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and p.grad.abs().max().item() == 0.0 for p in model.parameters())
+
+
+def test_documents_do_not_see_each_other_when_kept_apart():
+    from raytrain.loss import document_positions
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    eot = 256
+    doc_b = torch.randint(0, 256, (10,))
+    first = torch.cat([torch.randint(0, 256, (7,)), torch.tensor([eot]), doc_b])[None]
+    other = torch.cat([torch.randint(0, 256, (7,)), torch.tensor([eot]), doc_b])[None]  # previous doc changed
+    assert document_positions(first, eot).tolist() == [[0, 1, 2, 3, 4, 5, 6] + list(range(11))]
+
+    def logits(ids, keep_apart):
+        positions = document_positions(ids, eot) if keep_apart else None
+        return model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 7:]  # from EOT on
+
+    torch.testing.assert_close(logits(first, True), logits(other, True), rtol=0, atol=1e-5)
+    assert (logits(first, False) - logits(other, False)).abs().max() > 1e-3  # attention did cross before
+    # and the document on its own, starting at its EOT, gives the same logits: nothing leaked
+    alone = torch.cat([torch.tensor([eot]), doc_b])[None]
+    torch.testing.assert_close(logits(first, True), model(input_ids=alone).logits[0], rtol=0, atol=1e-5)
+    windows = torch.cat([first, other])
+    assert window_loss(model, windows, eot).item() > 0

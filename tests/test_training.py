@@ -15,7 +15,8 @@ pytestmark = pytest.mark.ray
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
         "lengths.min=32", "lengths.max=128", "lengths.multiple_of=32",
         "train.tokens_per_step=1024", "train.max_steps=6", "train.log_every=1", "train.warmup_steps=2",
-        "train.micro_batch_tokens=256", "eval.lengths=[64,256]", "eval.every=3", "eval.tokens=2048"]
+        "train.micro_batch_tokens=256", "eval.lengths=[64,256]", "eval.every=3", "eval.tokens=2048",
+        "data.windows=sequential", "data.cross_documents=false"]
 RUNS = {  # name: extra overrides
     "zero1": ["deepspeed.zero_stage=1"],  # through the CLI, end to end
     "zero2": ["deepspeed.zero_stage=2"],
