@@ -132,6 +132,12 @@ class RunConfig(Section):
     """Run directory name under dir; null makes a timestamped name."""
     seed: int = 0
     """Seeds model init, the length schedule and the data windows."""
+    checkpoint_every: int = Field(80, ge=1)
+    """Steps between checkpoints (also at the end); a restart resumes from the newest."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Newest checkpoints kept on disk."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group failures Ray Train recovers from (restarting from the newest checkpoint) before giving up."""
 
 
 class Config(Section):
@@ -325,6 +331,17 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
     if problems:
         raise ConfigError(problems)
     return Config(**parsed)
+
+
+def flatten(tree: dict) -> dict:
+    """{"lengths": {"max": 256}, "tokenizer": "bytes"} -> {"lengths.max": 256, "tokenizer": "bytes"}."""
+    flat = {}
+    for section, value in tree.items():
+        if isinstance(value, dict):
+            flat.update({f"{section}.{key}": v for key, v in value.items()})
+        else:
+            flat[section] = value
+    return flat
 
 
 def reference() -> str:

@@ -9,7 +9,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from raytrain.config import Config, ConfigError
+import yaml
+
+from raytrain.config import Config, ConfigError, flatten
 from raytrain.data import check_corpus, load_tokenizer, prepare_corpus, rank_batches, window_offsets
 from raytrain.lengths import build_schedule
 
@@ -89,10 +91,12 @@ def train_worker(payload: dict) -> None:
                             eta_s=(now - start) / (step - start_step) * (train.max_steps - step))
             interval_loss.zero_()
             interval_tokens, interval_time = tokens, now
-        if step % cfg.eval.every == 0 or step == train.max_steps:
+        evaluate_now = step % cfg.eval.every == 0 or step == train.max_steps
+        checkpoint_now = step % cfg.run.checkpoint_every == 0 or step == train.max_steps
+        if evaluate_now or checkpoint_now:
             paused = time.time()
-            metrics = record_eval(log, step, tokens, run_eval())
-            report(engine, metrics | {"step": step, "tokens": tokens}, rank)
+            metrics = record_eval(log, step, tokens, run_eval()) if evaluate_now else {}
+            report(engine, {"step": step, "tokens": tokens, **metrics}, rank, checkpoint_now)
             interval_time += time.time() - paused  # tokens/s measures training, not evaluation
 
     export_hf(engine, tokenizer, run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
@@ -121,9 +125,13 @@ def record_eval(log, step: int, tokens: int, results: dict) -> dict:
     return results
 
 
-def report(engine, metrics: dict, rank: int) -> None:
-    """Save every rank's DeepSpeed shards into one Ray checkpoint, with the loop state to resume from."""
+def report(engine, metrics: dict, rank: int, checkpoint: bool) -> None:
+    """Report to Ray Train (a barrier on all ranks); with ``checkpoint``, every rank's DeepSpeed shards
+    go into one Ray checkpoint with the loop state to resume from."""
     import ray.train
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={})
         if rank == 0:
@@ -135,13 +143,16 @@ def resume(engine, log) -> tuple[int, int]:
     """(step, tokens) of the newest checkpoint, its engine state loaded; (0, 0) for a fresh run."""
     import ray.train
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is None:  # fresh, or restarted before Ray registered any checkpoint: start over exactly
+        if log:
+            log.truncate_after(-1)
         return 0, 0
     with checkpoint.as_directory() as directory:
         engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         state = json.loads(Path(directory, "state.json").read_text())
     if log:
         log.truncate_after(state["step"])
+        _say(f"resumed from checkpoint at step {state['step']} ({state['tokens']:,} tokens): {checkpoint.path}")
     return state["step"], state["tokens"]
 
 
@@ -192,7 +203,7 @@ def run_directory(cfg: Config) -> Path:
 def fit(cfg: Config):
     """Check the data, start (or join) Ray, and run ``train_worker`` on ``scaling.num_workers`` workers."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raytrain.model import check_vocab
@@ -207,6 +218,7 @@ def fit(cfg: Config):
 
     run_dir = run_directory(cfg)
     cfg.run.name = run_dir.name
+    check_same_run(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if not ray.is_initialized():
@@ -217,9 +229,23 @@ def fit(cfg: Config):
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        # Same name and storage as an earlier attempt: Ray Train resumes from its newest checkpoint.
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
     result = trainer.fit()
     print(f"run directory: {run_dir}")
     return result
+
+
+def check_same_run(run_dir: Path, cfg: Config) -> None:
+    """Re-running a run name resumes it, which is only exact with the same config."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = flatten(yaml.safe_load(saved.read_text())), flatten(cfg.model_dump(mode="json"))
+    changed = [key for key in new if old.get(key) != new[key]]
+    if changed:
+        raise ConfigError([(key, new[key], f"run {run_dir} exists with {key} = {old.get(key)!r}; re-running a "
+                            f"run resumes it, so keep its value or choose a new run.name") for key in changed])
