@@ -1,4 +1,4 @@
-"""``raytrain train | eval``: parse, validate, hand off."""
+"""``raytrain train | eval | export | report``: parse, validate, hand off."""
 from __future__ import annotations
 
 import argparse
@@ -31,16 +31,46 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--lengths", metavar="L,L,...", help="eval lengths (default: the training run's eval.lengths)")
     ev.add_argument("--tokens", type=int, help="target tokens per length (default: the run's eval.tokens)")
 
+    rep = commands.add_parser(
+        "report", help="plots (loss.png, lengths.png, eval.png) and the per-length table of a run",
+        description="Write loss against tokens, the length of every step (and their histogram), and "
+                    "validation loss against evaluation length into RUN_DIR as PNG; print the per-length table.")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+
+    exp = commands.add_parser(
+        "export", help="consolidate a checkpoint (any ZeRO stage) into a Hugging Face model directory",
+        description="Merge the DeepSpeed shards of CHECKPOINT (a run's checkpoint_* directory) into a Hugging "
+                    "Face model directory that AutoModelForCausalLM and raytrain eval load.")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT")
+    exp.add_argument("--out", metavar="DIR", help="output directory (default: CHECKPOINT/model)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             from raytrain.train import fit
             fit(load_config(args.config, args.overrides))
-        else:
+        elif args.command == "export":
+            from raytrain.engine import export_checkpoint
+            checkpoint = Path(args.checkpoint)
+            cfg = load_config(str(checkpoint.parent / "config.yaml"), ["scaling.num_workers=1"])
+            print(f"wrote {export_checkpoint(checkpoint, Path(args.out or checkpoint / 'model'), cfg)}")
+        elif args.command == "eval":
             print(json.dumps(evaluate_dir(args), indent=2))
+        else:
+            from raytrain.report import read_jsonl, table, write_report
+            run_dir = Path(args.run_dir)
+            print(table(read_jsonl(run_dir / "eval.jsonl")))
+            for path in write_report(run_dir):
+                print(f"wrote {path}")
     except ConfigError as err:
         print(f"raytrain: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from raytrain.train import TrainingStopped
+        if not isinstance(err, TrainingStopped):
+            raise
+        print(f"raytrain: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -98,6 +98,8 @@ class TrainConfig(Section):
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clip (0 disables)."""
+    max_nonfinite: int = Field(5, ge=1)
+    """Non-finite step losses in a row that stop the run (each one's update is skipped and counted)."""
     micro_batch_tokens: Optional[int] = Field(None, ge=1)
     """Most tokens one worker runs per forward/backward (gradient accumulation); null runs its whole share at once."""
 
@@ -123,11 +125,17 @@ class ScalingConfig(Section):
     """One GPU per worker, nccl and bf16; otherwise CPU, gloo and fp32."""
     cpus_per_worker: int = Field(1, ge=1)
     """CPUs (and torch threads) per worker."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Extra Ray resources per worker (e.g. {"accelerator_type:A10G": 0.001}); CPU and GPU come from the keys above."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' bundles on nodes: PACK fills nodes first, SPREAD uses many."""
 
 
 class RunConfig(Section):
     dir: str = "runs"
-    """Parent directory of run directories."""
+    """Parent directory of run directories (on a multi-node cluster: a path every node shares)."""
+    storage: Optional[str] = None
+    """Where Ray keeps checkpoints: null for run.dir, or a shared path or a cloud URI Ray understands (s3://...)."""
     name: Optional[str] = None
     """Run directory name under dir; null makes a timestamped name."""
     seed: int = 0
@@ -225,7 +233,7 @@ def _schema_problems(raw: dict) -> tuple[dict, list]:
     return parsed, problems
 
 
-def _cross_problems(s: dict) -> list:
+def _cross_problems(s: dict, environment: bool = True) -> list:
     """Checks that involve several keys or the machine, for the sections that parsed."""
     problems = []
     lengths, train, model, scaling, ev = (s.get(k) for k in ("lengths", "train", "model", "scaling", "eval"))
@@ -252,7 +260,7 @@ def _cross_problems(s: dict) -> list:
     if model and model.pretrained is None and model.hidden_size % model.num_heads:
         problems.append(("model.num_heads", model.num_heads,
                          f"must divide model.hidden_size ({model.hidden_size})"))
-    positions = _max_positions(model, problems) if model else None
+    positions = _max_positions(model) if model else None
     if positions:
         if lengths and lengths.max > positions:
             problems.append(("lengths.max", lengths.max,
@@ -260,6 +268,8 @@ def _cross_problems(s: dict) -> list:
         for value in (ev.lengths if ev else []):
             if value > positions:
                 problems.append(("eval.lengths", value, f"exceeds the model's {positions} positions"))
+    if not environment:
+        return problems
     if scaling and not scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
         need, have = scaling.num_workers * scaling.cpus_per_worker, os.cpu_count() or 1
         if need > have:
@@ -304,7 +314,7 @@ def _schedule_problems(lengths: LengthsConfig) -> list:
     return problems
 
 
-def _max_positions(model: ModelConfig, problems: list) -> Optional[int]:
+def _max_positions(model: ModelConfig) -> Optional[int]:
     if model.pretrained is None:
         return model.max_positions
     path = Path(model.pretrained).expanduser() / "config.json"
@@ -314,8 +324,12 @@ def _max_positions(model: ModelConfig, problems: list) -> Optional[int]:
     return json.loads(path.read_text()).get("max_position_embeddings")
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
-    """Load YAML (if given), apply overrides and validate; raise ConfigError with every problem."""
+def load_config(path: Optional[str] = None, overrides: list[str] = (), environment: bool = True) -> Config:
+    """Load YAML (if given), apply overrides and validate; raise ConfigError with every problem.
+
+    ``environment=False`` skips the checks against this machine (paths, CPUs): for
+    configs meant for a cluster whose paths live on its shared volume.
+    """
     raw: dict = {}
     problems = []
     if path is not None:
@@ -327,7 +341,7 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
             raise ConfigError([("-c", path, "the config file must be a mapping of sections")])
     problems += apply_overrides(raw, list(overrides))
     parsed, schema = _schema_problems(raw)
-    problems += schema + _cross_problems(parsed)
+    problems += schema + _cross_problems(parsed, environment)
     if problems:
         raise ConfigError(problems)
     return Config(**parsed)

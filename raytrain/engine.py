@@ -75,6 +75,55 @@ def export_hf(engine, tokenizer, directory: Path, rank: int, extra_files: dict[s
                 (directory / name).write_text(text)
 
 
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path, cfg) -> Path:
+    """Consolidate a raytrain checkpoint (any ZeRO stage, any number of ranks) into a Hugging Face directory.
+
+    ZeRO 1-3 shards are merged from the fp32 optimizer partitions with DeepSpeed's
+    own ``zero_to_fp32``; ZeRO 0 checkpoints hold the whole module already.
+    These are DeepSpeed pickles that the user pointed at; nothing else is unpickled.
+    """
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from raytrain.data import load_tokenizer
+    from raytrain.model import build_model
+
+    engine_dir = checkpoint_dir / "engine"
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = build_model(cfg.model, tokenizer)
+    if list(engine_dir.glob("*optim_states.pt")) and cfg.deepspeed.zero_stage > 0:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=engine_dir.name)
+    else:
+        state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {checkpoint_dir} does not fit the run's model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "raytrain.yaml").write_text(cfg.to_yaml())
+    return out_dir
+
+
+def discard_gradients(engine) -> None:
+    """Drop the accumulated gradients of a step without an optimizer update (a non-finite loss).
+
+    Mirrors what DeepSpeed's ZeRO optimizers do themselves on an fp16 overflow,
+    which they only detect for fp16 (stage 3) or with clipping (stages 1-2).
+    """
+    optimizer, stage = engine.optimizer, engine.zero_optimization_stage()
+    if stage == 0:
+        engine.zero_grad()
+    elif stage in (1, 2):
+        optimizer.zero_grad(set_to_none=True)
+        getattr(optimizer, "_release_preflattened_grad_buffers", lambda: None)()
+        for key in optimizer.averaged_gradients:
+            optimizer.averaged_gradients[key] = None
+    else:
+        optimizer._overflow_clean_up(optimizer.loss_scale)
+
+
 def worker_env(use_gpu: bool) -> None:
     """Must run before deepspeed is imported in a worker: it picks its accelerator at import."""
     if not use_gpu:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -16,13 +17,15 @@ from raytrain.data import check_corpus, load_tokenizer, prepare_corpus, rank_bat
 from raytrain.lengths import build_schedule
 
 CHECKPOINT_TAG = "engine"
+STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early; fit() raises it
 
 
 def train_worker(payload: dict) -> None:
     """One data-parallel rank: schedule the length, build the batch, forward, backward, step, log, evaluate."""
     cfg = Config.model_validate(payload["config"])
     run_dir = Path(payload["run_dir"])
-    from raytrain.engine import deepspeed_config, export_hf, init_engine, lr_schedule, set_lr, worker_env
+    from raytrain.engine import (deepspeed_config, discard_gradients, export_hf, init_engine, lr_schedule, set_lr,
+                                 worker_env)
     worker_env(cfg.scaling.use_gpu)
     import ray.train
     import torch
@@ -41,6 +44,8 @@ def train_worker(payload: dict) -> None:
     engine = init_engine(build_model(cfg.model, tokenizer),
                          deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.use_gpu, world))
     device = engine.device
+    _say(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}, device {device}, "
+         f"ZeRO-{cfg.deepspeed.zero_stage}")
     train, per_step = cfg.train, cfg.train.tokens_per_step
     schedule = build_schedule(cfg.lengths, cfg.run.seed, train.max_steps, per_step)
     offsets_at = window_offsets(cfg.data.windows, corpus.train.size, cfg.run.seed, schedule, per_step)
@@ -62,8 +67,8 @@ def train_worker(payload: dict) -> None:
         record_eval(log, step, tokens, run_eval())
     probe_memory(engine, cfg.lengths.max, micro_tokens, device, eot, log)
     start, start_step = time.time(), step
-    interval_loss = torch.zeros((), dtype=torch.float64, device=device)  # local sum since the last log line
-    interval_tokens, interval_time = tokens, start
+    interval = {"loss": 0.0, "targets": 0, "tokens": tokens, "time": start}  # finite steps since the last log line
+    bad_in_a_row, skipped = 0, 0
     while step < train.max_steps:
         length = schedule(step)
         rows = per_step // length
@@ -71,33 +76,52 @@ def train_worker(payload: dict) -> None:
         # Normalize by the targets of the whole global step (summed over ranks), not per micro-batch.
         targets = reduce(torch.tensor([sum(map(count_targets, chunks))], dtype=torch.float64, device=device)).item()
         set_lr(engine, lr_at(step if train.lr_by == "steps" else tokens / per_step))
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for i, chunk in enumerate(chunks):
             engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             loss_sum = window_loss(engine, torch.from_numpy(chunk).to(device), eot)
             # DeepSpeed averages gradients over ranks; * world turns that average back into the global sum.
             engine.backward(loss_sum * (world / targets))
-            interval_loss += loss_sum.detach().double()
-        engine.step()
+            step_loss += loss_sum.detach().double()
+        step_loss = reduce(step_loss).item() / targets  # one scalar per step: every rank agrees on finiteness
+        if math.isfinite(step_loss):
+            engine.step()
+            bad_in_a_row = 0
+            interval["loss"] += step_loss * targets
+            interval["targets"] += targets
+        else:
+            discard_gradients(engine)
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            if log:
+                _say(f"step {step + 1}: non-finite loss {step_loss} at seq_len {length}; update skipped "
+                     f"({bad_in_a_row} in a row, {skipped} in all)")
+            if bad_in_a_row >= train.max_nonfinite:
+                stop = (f"stopped: {bad_in_a_row} non-finite losses in a row (train.max_nonfinite), the last at "
+                        f"step {step + 1}, seq_len {length}; last good checkpoint: {last_checkpoint(run_dir)}")
+                if log:
+                    _say(stop)
+                    (run_dir / STOPPED).write_text(stop)
+                return
         step, tokens = step + 1, tokens + int(targets)
 
         if step % train.log_every == 0 or step == train.max_steps:
             now = time.time()
             record = {"step": step, "tokens": tokens, "seq_len": length, "rows": rows,
-                      "loss": reduce(interval_loss).item() / (tokens - interval_tokens),
+                      "loss": interval["loss"] / max(1, interval["targets"]),
                       "lr": engine.optimizer.param_groups[0]["lr"],
-                      "tokens_per_s": (tokens - interval_tokens) / (now - interval_time), "elapsed_s": now - start}
+                      "tokens_per_s": (tokens - interval["tokens"]) / (now - interval["time"]),
+                      "elapsed_s": now - start, "skipped": skipped}
             if log:
                 log.metrics(record, max_steps=train.max_steps,
                             eta_s=(now - start) / (step - start_step) * (train.max_steps - step))
-            interval_loss.zero_()
-            interval_tokens, interval_time = tokens, now
+            interval = {"loss": 0.0, "targets": 0, "tokens": tokens, "time": now}
         evaluate_now = step % cfg.eval.every == 0 or step == train.max_steps
         checkpoint_now = step % cfg.run.checkpoint_every == 0 or step == train.max_steps
         if evaluate_now or checkpoint_now:
             paused = time.time()
             metrics = record_eval(log, step, tokens, run_eval()) if evaluate_now else {}
             report(engine, {"step": step, "tokens": tokens, **metrics}, rank, checkpoint_now)
-            interval_time += time.time() - paused  # tokens/s measures training, not evaluation
+            interval["time"] += time.time() - paused  # tokens/s measures training, not evaluation
 
     export_hf(engine, tokenizer, run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
 
@@ -137,6 +161,11 @@ def report(engine, metrics: dict, rank: int, checkpoint: bool) -> None:
         if rank == 0:
             Path(tmp, "state.json").write_text(json.dumps({"step": metrics["step"], "tokens": metrics["tokens"]}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def last_checkpoint(run_dir: Path) -> str:
+    found = sorted(run_dir.glob("checkpoint_*"))
+    return str(found[-1]) if found else "none yet"
 
 
 def resume(engine, log) -> tuple[int, int]:
@@ -203,7 +232,7 @@ def run_directory(cfg: Config) -> Path:
 def fit(cfg: Config):
     """Check the data, start (or join) Ray, and run ``train_worker`` on ``scaling.num_workers`` workers."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from raytrain.model import check_vocab
@@ -227,16 +256,31 @@ def fit(cfg: Config):
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        scaling_config=scaling_config(cfg.scaling),
         # Same name and storage as an earlier attempt: Ray Train resumes from its newest checkpoint.
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=run_dir.name, storage_path=cfg.run.storage or str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
+    (run_dir / STOPPED).unlink(missing_ok=True)
     result = trainer.fit()
     print(f"run directory: {run_dir}")
+    if (run_dir / STOPPED).exists():  # the workers ended the run on purpose; say why
+        raise TrainingStopped((run_dir / STOPPED).read_text())
     return result
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (non-finite losses); retrying would only repeat them."""
+
+
+def scaling_config(scaling):
+    from ray.train import ScalingConfig
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                         placement_strategy=scaling.placement_strategy)
 
 
 def check_same_run(run_dir: Path, cfg: Config) -> None:

@@ -111,3 +111,23 @@ def test_exported_model_reloads_and_evaluates_to_the_reported_loss(runs, name, c
     for key in ("val/loss@64", "val/loss@256"):
         assert ours[key] == pytest.approx(reported[key], abs=1e-5)
     assert yaml.safe_load((model_dir / "raytrain.yaml").read_text())["run"]["name"] == name
+
+
+def test_export_of_a_zero3_checkpoint_equals_the_reported_loss(runs, capsys, tmp_path):
+    final = max((runs / "zero3").glob("checkpoint_*"))
+    assert main(["export", str(final), "--out", str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "exported")]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    reported = read_jsonl(runs / "zero3" / "eval.jsonl")[-1]
+    assert ours["val/loss@256"] == pytest.approx(reported["val/loss@256"], abs=1e-5)
+
+
+def test_report_writes_plots_and_prints_the_table(runs, capsys):
+    assert main(["report", str(runs / "zero1")]) == 0
+    out = capsys.readouterr().out
+    assert "| step | tokens | val/loss@64 | val/loss@256 |" in out
+    final = read_jsonl(runs / "zero1" / "eval.jsonl")[-1]
+    assert f"| 6 | {final['tokens']:,} | {final['val/loss@64']:.4f} | {final['val/loss@256']:.4f} |" in out
+    for name in ("loss.png", "lengths.png", "eval.png"):
+        assert (runs / "zero1" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
