@@ -64,7 +64,7 @@ def main() -> None:
     from raytrain.config import load_config
     from raytrain.train import fit
 
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     out = Path(args.out).resolve()
     fill = {"warmup": args.steps // 2, "third": args.steps // 3, "two_thirds": 2 * args.steps // 3}
     runs = {}

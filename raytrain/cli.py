@@ -1,4 +1,4 @@
-"""``raytrain train | eval | export | report``: parse, validate, hand off."""
+"""``raytrain train | tune | eval | export | report``: parse, validate, hand off."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
                     "validation loss against evaluation length into RUN_DIR as PNG; print the per-length table.")
     rep.add_argument("run_dir", metavar="RUN_DIR")
 
+    tun = commands.add_parser(
+        "tune", help="Ray Tune search over length ranges, schedules and any training key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Search with Ray Tune: each trial is a full raytrain run on its own Ray Train workers; ASHA "
+                    "stops poor trials early on tokens seen. Writes results.csv, best_config.yaml and "
+                    "objective.png into the experiment directory.",
+        epilog="tune config keys:\n" + _indent(tune_reference()))
+    tun.add_argument("-c", "--config", metavar="FILE", required=True, help="tune config (see tune_configs/)")
+    tun.add_argument("overrides", nargs="*", metavar="key=value", help="override a tune config key (e.g. num_samples=2)")
+    tun.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this config")
+
     exp = commands.add_parser(
         "export", help="consolidate a checkpoint (any ZeRO stage) into a Hugging Face model directory",
         description="Merge the DeepSpeed shards of CHECKPOINT (a run's checkpoint_* directory) into a Hugging "
@@ -49,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from raytrain.train import fit
             fit(load_config(args.config, args.overrides))
+        elif args.command == "tune":
+            from raytrain.tune import tune_main
+            tune_main(args.config, args.overrides, resume=args.resume)
         elif args.command == "export":
             from raytrain.engine import export_checkpoint
             checkpoint = Path(args.checkpoint)
@@ -99,6 +113,16 @@ def evaluate_dir(args) -> dict:
     batch_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
     eot = None if cfg.data.cross_documents else tokenizer.eos_token_id
     return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens, eot=eot)
+
+
+def tune_reference() -> str:
+    from raytrain.tune import TuneSpec
+    lines = []
+    for name, field in TuneSpec.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        for key, f in (sub.items() if sub else [(None, field)]):
+            lines.append(f"{name}.{key}: {f.description}" if key else f"{name}: {field.description}")
+    return "\n".join(lines)
 
 
 def _indent(text: str) -> str:

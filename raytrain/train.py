@@ -63,8 +63,10 @@ def train_worker(payload: dict) -> None:
 
     log = RunLog(run_dir) if rank == 0 else None
     step, tokens = resume(engine, log)
+    results = run_eval()  # at step 0, or after a restart so every report carries the latest evaluation
     if step == 0:
-        record_eval(log, step, tokens, run_eval())
+        record_eval(log, step, tokens, results)
+    last_eval = summarize_eval(results, cfg.lengths.max)
     probe_memory(engine, cfg.lengths.max, micro_tokens, device, eot, log)
     start, start_step = time.time(), step
     interval = {"loss": 0.0, "targets": 0, "tokens": tokens, "time": start}  # finite steps since the last log line
@@ -119,8 +121,10 @@ def train_worker(payload: dict) -> None:
         checkpoint_now = step % cfg.run.checkpoint_every == 0 or step == train.max_steps
         if evaluate_now or checkpoint_now:
             paused = time.time()
-            metrics = record_eval(log, step, tokens, run_eval()) if evaluate_now else {}
-            report(engine, {"step": step, "tokens": tokens, **metrics}, rank, checkpoint_now)
+            if evaluate_now:
+                last_eval = summarize_eval(record_eval(log, step, tokens, run_eval()), cfg.lengths.max)
+            report(engine, {"step": step, "tokens": tokens, "elapsed_s": paused - start, **last_eval}, rank,
+                   checkpoint_now)
             interval["time"] += time.time() - paused  # tokens/s measures training, not evaluation
 
     export_hf(engine, tokenizer, run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
@@ -141,6 +145,15 @@ def probe_memory(engine, longest: int, micro_tokens: int, device, eot, log) -> N
         _say(f"memory probe: forward/backward of {rows} x {longest} tokens (the longest micro-batch) before step 1")
     engine.set_gradient_accumulation_boundary(False)
     engine.backward(window_loss(engine, torch.zeros((rows, longest + 1), dtype=torch.long, device=device), eot) * 0.0)
+
+
+def summarize_eval(results: dict, longest_trained: int) -> dict:
+    """Adds val/loss@max (at lengths.max, when evaluated) and val/loss@mean (over eval lengths): Tune objectives."""
+    losses = {k: v for k, v in results.items() if k.startswith("val/loss@")}
+    summary = dict(results, **{"val/loss@mean": sum(losses.values()) / len(losses)})
+    if f"val/loss@{longest_trained}" in results:
+        summary["val/loss@max"] = results[f"val/loss@{longest_trained}"]
+    return summary
 
 
 def record_eval(log, step: int, tokens: int, results: dict) -> dict:
@@ -229,7 +242,7 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.dir).expanduser().resolve() / name
 
 
-def fit(cfg: Config):
+def fit(cfg: Config, callbacks: list = ()):
     """Check the data, start (or join) Ray, and run ``train_worker`` on ``scaling.num_workers`` workers."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -260,7 +273,8 @@ def fit(cfg: Config):
         # Same name and storage as an earlier attempt: Ray Train resumes from its newest checkpoint.
         run_config=RunConfig(name=run_dir.name, storage_path=cfg.run.storage or str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             callbacks=list(callbacks)),
     )
     (run_dir / STOPPED).unlink(missing_ok=True)
     result = trainer.fit()

@@ -16,7 +16,9 @@ def cache_dir(tmp_path_factory):
 def ray_session():
     """One local Ray instance shared by every integration test (start-up costs tens of seconds)."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+    # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it the
+    # placement groups of trials ASHA stops leak and the next trial waits forever.
+    ray.init(num_cpus=2, log_to_driver=True,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield
     ray.shutdown()

@@ -1,0 +1,136 @@
+"""raytrain tune: search specs, their errors, and real searches of Ray Train runs under ASHA."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytrain.config import ConfigError, load_config
+from raytrain.tune import _base_path, candidates, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BASE = {"model.hidden_size": 32, "model.num_layers": 1, "model.intermediate_size": 64,
+             "lengths.min": 32, "lengths.max": 128, "lengths.multiple_of": 32,
+             "train.max_steps": 16, "train.tokens_per_step": 1024, "train.log_every": 4, "train.warmup_steps": 2,
+             "eval.every": 4, "eval.tokens": 1024, "eval.lengths": [64], "run.checkpoint_every": 4,
+             "scaling.num_workers": 1}
+
+
+def write_spec(tmp_path, **fields):
+    spec = {"name": "t", "dir": str(tmp_path / "exp"), "base": {"overrides": TINY_BASE}, **fields}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def problems(tmp_path, **fields):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_spec(tmp_path, **fields))
+    return {key: fix for key, _, fix in err.value.problems}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_tune_config_validates(path):
+    spec = load_spec(str(path))
+    assert spec.search and spec.objective.metric.startswith("val/loss@")
+    if "cluster" not in path.name:  # the cluster search's paths live on the cluster's shared volume
+        trials, notes = candidates(spec, _base_path(spec, str(path)))
+        assert len(trials) == spec.num_samples and not notes
+
+
+def test_bad_search_specs_report_every_problem(tmp_path):
+    found = problems(tmp_path, search={
+        "lengths.mxa": {"choice": [1]},
+        "lengths.min": {"gaussian": [0, 1]},
+        "lengths.schedule": {"choice": []},
+        "train.warmup_steps": {"grid": []},
+        "train.lr": {"loguniform": [0.01, 0.001]},
+    }, objective={"metric": "val/loss@999"})
+    assert found["search.lengths.mxa"] == "not a training key; did you mean 'lengths.max'?"
+    assert found["search.lengths.min"].startswith("write one distribution: {NAME: args} with NAME in ['choice'")
+    assert found["search.lengths.schedule"] == "choice needs a non-empty list of values"
+    assert found["search.train.warmup_steps"] == "grid needs a non-empty list of values"
+    assert found["search.train.lr"] == "bounds reversed or empty: lo (0.01) must be below hi (0.001)"
+    assert found["objective.metric"].startswith("not a reported metric; choose one of ['val/loss@128', ")
+
+
+def test_invalid_combinations_are_redrawn_or_skipped_with_a_note(tmp_path):
+    path = write_spec(tmp_path, num_samples=5, search={"lengths.min": {"choice": [64, 512]},
+                                                       "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    spec = load_spec(path)
+    trials, notes = candidates(spec, _base_path(spec, path))
+    assert len(trials) == 5 and {t["lengths.min"] for t in trials} == {64} and not notes  # 512 > max: redrawn
+    path = write_spec(tmp_path, search={"lengths.min": {"grid": [32, 64, 512]}})
+    spec = load_spec(path)
+    trials, notes = candidates(spec, _base_path(spec, path))
+    assert [t["lengths.min"] for t in trials] == [32, 64]
+    assert notes == ["skipped {'lengths.min': 512}: lengths.min = 512: must be <= lengths.max (128)"]
+
+
+def read_results(experiment):
+    with (experiment / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.ray
+def test_search_with_asha_on_tokens(ray_session, cache_dir, tmp_path, capsys):
+    from raytrain.cli import main
+    base = {**TINY_BASE, "data.cache_dir": cache_dir}
+    path = tmp_path / "tune.yaml"
+    # Good learning rates first: ASHA (2 at a time) then stops the hopeless ones at the first rung.
+    path.write_text(yaml.safe_dump({
+        "name": "asha", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
+        "search": {"train.lr": {"grid": [8e-3, 5e-3, 1e-6, 2e-6]}},
+        "scheduler": {"type": "asha", "time_attr": "tokens", "grace_period": 4000, "reduction_factor": 2},
+        "max_concurrent": 2}))
+    assert main(["tune", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    experiment = tmp_path / "exp" / "asha"
+    rows = read_results(experiment)
+    assert len(rows) == 4
+    assert [float(r["val/loss@max"]) for r in rows] == sorted(float(r["val/loss@max"]) for r in rows)
+    by_lr = {float(r["train.lr"]): r for r in rows}
+    full = 16 * 1024
+    for lr in (8e-3, 5e-3):
+        assert by_lr[lr]["status"] == "completed" and int(by_lr[lr]["tokens"]) > full - 16 * 32  # rounding
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(float(r["train.lr"]) < 1e-5 and int(r["tokens"]) < full / 2 for r in stopped)
+    best = load_config(str(experiment / "best_config.yaml"))
+    assert best.train.lr == float(rows[0]["train.lr"]) and best.model.hidden_size == 32
+    assert (experiment / "objective.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| trial | train.lr | val/loss@max | tokens | wall_s | status |" in out
+
+
+@pytest.mark.ray
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, cache_dir, tmp_path):
+    import ray
+
+    from raytrain.tune import tune_main
+    base = {**TINY_BASE, "data.cache_dir": cache_dir, "train.max_steps": 24}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "resume", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
+        "search": {"train.lr": {"grid": [3e-3, 4e-3, 5e-3]}}, "scheduler": {"type": "fifo"}, "max_concurrent": 1}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    print("available before:", ray.available_resources(), flush=True)
+    driver = subprocess.Popen([sys.executable, "-m", "raytrain.cli", "tune", "-c", str(path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "exp" / "resume" / "trials"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(trials.glob("*/model"))) < 1:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished = {p.parent.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model/model.safetensors")}
+    assert len(finished) == 1
+    time.sleep(5)  # Ray reaps the dead driver's trial actors
+    rows = tune_main(str(path), [], resume=True)
+    assert sorted(r["status"] for r in rows) == ["completed"] * 3
+    for name, stamp in finished.items():  # the finished trial was not run again
+        assert (trials / name / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert len(list(trials.glob("*/model/model.safetensors"))) == 3
