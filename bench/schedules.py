@@ -6,7 +6,7 @@ the fixed baseline's final val/loss@max (linear interpolation between evaluation
 "-" if never reached), as a speedup over the baseline. Every run shares one Ray
 instance; the table is printed as Markdown.
 
-    python bench/schedules.py [--steps 200] [--seeds 0 1] [--out bench/schedules]
+    python bench/schedules.py [--steps 120] [--seeds 0 1] [--out bench/schedules]
 """
 from __future__ import annotations
 
@@ -51,9 +51,26 @@ def time_to_reach(evals: list[dict], seconds: dict[int, float], key: str, target
     return None
 
 
+def plot(runs: dict, names: list[str], seed: int, key: str, path: Path) -> None:
+    """val/loss@max against training time for each schedule (one seed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        evals = read_jsonl(runs[name, seed] / "eval.jsonl")[1:]
+        seconds = training_seconds(read_jsonl(runs[name, seed] / "metrics.jsonl"))
+        ax.plot([seconds[e["step"]] for e in evals], [e[key] for e in evals], "o-", markersize=3, label=name)
+    ax.set(xlabel="training wall time (s)", ylabel=key, title=f"length schedules, seed {seed}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
     parser.add_argument("--out", default="bench/schedules")
@@ -74,7 +91,7 @@ def main() -> None:
             if not (run_dir / "model").exists():
                 extra = [o.format(**fill) for o in SCHEDULES[name]]
                 fit(load_config(None, extra + [
-                    f"train.max_steps={args.steps}", "eval.every=20", "eval.tokens=16384",
+                    f"train.max_steps={args.steps}", "eval.every=20", "eval.tokens=8192",
                     "run.checkpoint_every=100000", f"run.seed={seed}", f"run.dir={out}", f"run.name={run_dir.name}"]))
             runs[name, seed] = run_dir
 
@@ -98,6 +115,8 @@ def main() -> None:
                 "speedup_tokens": base_evals[-1]["tokens"] / reached[1] if reached else None,
             })
         rows.append((name, per_seed))
+
+    plot(runs, args.schedules, args.seeds[0], key, out / "schedules.png")
 
     def cell(values, fmt):
         values = [v for v in values if v is not None]

@@ -176,8 +176,13 @@ def report(engine, metrics: dict, rank: int, checkpoint: bool) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's Ray checkpoint directories, oldest first (their names carry a timestamp)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
 def last_checkpoint(run_dir: Path) -> str:
-    found = sorted(run_dir.glob("checkpoint_*"))
+    found = checkpoint_dirs(run_dir)
     return str(found[-1]) if found else "none yet"
 
 

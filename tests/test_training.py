@@ -9,6 +9,7 @@ import yaml
 from raytrain.cli import main
 from raytrain.config import load_config
 from raytrain.lengths import build_schedule
+from raytrain.train import checkpoint_dirs
 
 pytestmark = pytest.mark.ray
 
@@ -53,8 +54,8 @@ def test_run_directory_files(runs):
     evals = read_jsonl(run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6]
     assert set(evals[0]) == {"step", "tokens", "val/loss@64", "val/ppl@64", "val/loss@256", "val/ppl@256"}
-    assert sorted(run.glob("checkpoint_*"))  # Ray checkpoints with every rank's shards
-    shards = {p.name for p in next(run.glob("checkpoint_*")).rglob("*.pt")}
+    assert checkpoint_dirs(run)  # Ray checkpoints with every rank's shards
+    shards = {p.name for p in checkpoint_dirs(run)[-1].rglob("*.pt")}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
 
 
@@ -114,7 +115,7 @@ def test_exported_model_reloads_and_evaluates_to_the_reported_loss(runs, name, c
 
 
 def test_export_of_a_zero3_checkpoint_equals_the_reported_loss(runs, capsys, tmp_path):
-    final = max((runs / "zero3").glob("checkpoint_*"))
+    final = checkpoint_dirs(runs / "zero3")[-1]
     assert main(["export", str(final), "--out", str(tmp_path / "exported")]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "exported")]) == 0
