@@ -6,7 +6,7 @@ the fixed baseline's final val/loss@max (linear interpolation between evaluation
 "-" if never reached), as a speedup over the baseline. Every run shares one Ray
 instance; the table is printed as Markdown.
 
-    python bench/schedules.py [--steps 120] [--seeds 0 1] [--out bench/schedules]
+    python bench/schedules.py [--steps 120] [--seeds 0 1] [--out runs/schedules]
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
-    parser.add_argument("--out", default="bench/schedules")
+    parser.add_argument("--out", default="runs/schedules")
     args = parser.parse_args()
 
     import ray
