@@ -97,10 +97,13 @@ def test_search_with_asha_on_tokens(ray_session, cache_dir, tmp_path, capsys):
     assert [float(r["val/loss@max"]) for r in rows] == sorted(float(r["val/loss@max"]) for r in rows)
     by_lr = {float(r["train.lr"]): r for r in rows}
     full = 16 * 1024
-    for lr in (8e-3, 5e-3):
-        assert by_lr[lr]["status"] == "completed" and int(by_lr[lr]["tokens"]) > full - 16 * 32  # rounding
+    # ASHA is asynchronous: which trial reaches a rung first varies, so assert what must hold either way.
+    assert float(rows[0]["train.lr"]) in (8e-3, 5e-3) and rows[0]["status"] == "completed"
+    assert int(rows[0]["tokens"]) > full - 16 * 32  # a completed trial saw all its steps (L rounding aside)
+    assert max(float(by_lr[lr]["val/loss@max"]) for lr in (8e-3, 5e-3)) < \
+        min(float(by_lr[lr]["val/loss@max"]) for lr in (1e-6, 2e-6))
     stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert stopped and all(float(r["train.lr"]) < 1e-5 and int(r["tokens"]) < full / 2 for r in stopped)
+    assert stopped and all(int(r["tokens"]) < full / 2 for r in stopped)  # stopped at the first rung
     best = load_config(str(experiment / "best_config.yaml"))
     assert best.train.lr == float(rows[0]["train.lr"]) and best.model.hidden_size == 32
     assert (experiment / "objective.png").read_bytes()[:4] == b"\x89PNG"
