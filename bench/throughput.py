@@ -1,10 +1,18 @@
-"""Training throughput of raytrain (1 Ray worker, DeepSpeed) against a bare PyTorch loop.
+"""Training throughput of raytrain against a bare PyTorch loop, on equal resources.
 
-Both train the same tiny model on the same corpus at the same lengths and token
-budget per step, with the same number of CPU threads, in this one process run.
-Prints tokens/s for each and the ratio raytrain / bare.
+One script, three loops, the same built-in model, corpus, length and token budget
+per step, the same 2 CPU threads in all:
 
-    python bench/throughput.py [--steps 60] [--threads 1] [--schedule uniform]
+- bare PyTorch: one process, ``torch.set_num_threads(2)``, random windows from the
+  same token stream, ``model(...)``, cross-entropy, clip, AdamW;
+- raytrain with 2 Ray workers x 1 CPU (DeepSpeed ZeRO-1, gloo all-reduce);
+- raytrain with 1 Ray worker x 2 CPUs.
+
+Warm-up steps are left out of every timing; raytrain's figure comes from its own
+``metrics.jsonl`` (evaluation and checkpoints excluded, as in its log line).
+Prints a Markdown table and the two ratios raytrain / bare.
+
+    python bench/throughput.py [--steps 70] [--skip 10] [--length 256] [--tokens-per-step 8192]
 """
 from __future__ import annotations
 
@@ -15,75 +23,81 @@ import tempfile
 import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+THREADS = 2  # this machine's cores; every loop below uses exactly this many
 
 
-def bare_loop(cfg, steps: int, skip: int, threads: int) -> float:
-    """The plainest loop: random windows, model(labels=...), AdamW; tokens/s after ``skip`` warm-up steps."""
+def bare_loop(cfg, steps: int, skip: int) -> float:
+    """The plainest loop; tokens/s over the steps after ``skip``."""
     import numpy as np
     import torch
 
-    from raytrain.data import load_tokenizer, prepare_corpus
-    from raytrain.lengths import build_schedule
+    from raytrain.data import load_tokenizer, open_prepared
     from raytrain.model import build_model
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    stream = prepare_corpus(cfg.data, tokenizer).train
+    stream = open_prepared(cfg.data, tokenizer).train
     model = build_model(cfg.model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.train.weight_decay)
-    schedule = build_schedule(cfg.lengths, cfg.run.seed)
+    length, rows = cfg.lengths.max, cfg.train.tokens_per_step // cfg.lengths.max
     rng = np.random.default_rng(0)
-    tokens, start = 0, None
     for step in range(steps):
         if step == skip:
-            tokens, start = 0, time.time()
-        length = schedule(step)
-        rows = cfg.train.tokens_per_step // length
-        offsets = rng.integers(0, stream.size - length, rows)
-        batch = torch.from_numpy(np.stack([stream[o:o + length + 1] for o in offsets]).astype(np.int64))
+            start = time.perf_counter()
+        batch = torch.from_numpy(stream.windows(rng.integers(0, stream.size - length, rows), length))
         logits = model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += rows * length
-    return tokens / (time.time() - start)
+    return (steps - skip) * rows * length / (time.perf_counter() - start)
 
 
 def raytrain_loop(cfg, skip: int) -> float:
-    """tokens/s from raytrain's own metrics.jsonl, excluding the first ``skip`` steps' intervals."""
+    """tokens/s from raytrain's own metrics.jsonl over the steps after ``skip`` (log_every = 1)."""
     from raytrain.train import fit, run_directory
     fit(cfg)
     records = [json.loads(line) for line in (run_directory(cfg) / "metrics.jsonl").read_text().splitlines()]
-    intervals = [(r["tokens"] - prev["tokens"], r["tokens_per_s"])
-                 for prev, r in zip(records, records[1:]) if r["step"] > skip]
-    return sum(t for t, _ in intervals) / sum(t / rate for t, rate in intervals)
+    timed = [r for r in records if r["step"] > skip]
+    tokens = timed[-1]["tokens"] - records[skip - 1]["tokens"]
+    return tokens / sum(r["interval_s"] for r in timed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the timing")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--schedule", default="uniform")
+    parser.add_argument("--steps", type=int, default=70)
+    parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of every timing")
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--tokens-per-step", type=int, default=8192)
     args = parser.parse_args()
 
+    import ray
+
     from raytrain.config import load_config
+    ray.init(num_cpus=THREADS, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [
-            f"lengths.schedule={args.schedule}", f"train.max_steps={args.steps}", "train.log_every=1",
-            f"eval.every={args.steps}", "eval.tokens=2048", "scaling.num_workers=1",
-            f"scaling.cpus_per_worker={args.threads}", f"run.dir={tmp}", "run.name=bench"])
-        bare = bare_loop(cfg, args.steps, args.skip, args.threads)
-        ours = raytrain_loop(cfg, args.skip)
-    print(f"\n| loop | tokens/s |\n|---|---|\n| bare PyTorch (1 process) | {bare:,.0f} |\n"
-          f"| raytrain (1 Ray worker, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}) | {ours:,.0f} |\n"
-          f"\nratio raytrain / bare: {ours / bare:.3f}  ({args.threads} thread(s), {args.steps - args.skip} timed "
-          f"steps, {cfg.train.tokens_per_step} tokens/step, {args.schedule} lengths "
-          f"{cfg.lengths.min}-{cfg.lengths.max})")
+        common = ["lengths.schedule=fixed", f"lengths.max={args.length}", f"lengths.min={min(32, args.length)}",
+                  f"train.tokens_per_step={args.tokens_per_step}", f"train.max_steps={args.steps}",
+                  "train.log_every=1", f"eval.every={args.steps}", "eval.tokens=2048", f"eval.lengths=[{args.length}]",
+                  f"run.checkpoint_every={args.steps}", f"run.dir={tmp}", f"data.cache_dir={tmp}/cache"]
+        layouts = {"raytrain, 2 workers x 1 CPU": ["scaling.num_workers=2", "scaling.cpus_per_worker=1"],
+                   "raytrain, 1 worker x 2 CPUs": ["scaling.num_workers=1", "scaling.cpus_per_worker=2"]}
+        cfg = load_config(None, common + layouts["raytrain, 1 worker x 2 CPUs"] + ["run.name=warm"])
+        from raytrain.prepare import prepare
+        prepare(cfg.data, cfg.tokenizer)
+        results[f"bare PyTorch, 1 process x {THREADS} threads"] = bare_loop(cfg, args.steps, args.skip)
+        for i, (name, layout) in enumerate(layouts.items()):
+            results[name] = raytrain_loop(load_config(None, common + layout + [f"run.name=run{i}"]), args.skip)
+    bare = next(iter(results.values()))
+    print(f"\n{args.steps - args.skip} timed steps (after {args.skip} warm-up) x {args.tokens_per_step:,} tokens at "
+          f"length {args.length}, built-in model, {THREADS} CPU threads in every loop\n")
+    print("| loop | tokens/s | ratio to bare |\n|---|---:|---:|")
+    for name, rate in results.items():
+        print(f"| {name} | {rate:,.0f} | {rate / bare:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``raytrain train | tune | eval | export | report``: parse, validate, hand off."""
+"""``raytrain prepare | train | tune | eval | export | report``: parse, validate, hand off."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("-c", "--config", metavar="FILE", help="YAML config; keys not given keep their defaults")
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="override a key; the value is parsed as YAML (e.g. eval.lengths=[64,512])")
+
+    prep = commands.add_parser(
+        "prepare", help="tokenize the corpus into token shards with Ray Data (train runs it when needed)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read data.path (files, a directory, a datasets directory or a URI) with parallel Ray Data "
+                    "tasks on every node, tokenize it and write token shards and index.json under "
+                    "data.cache_dir/tokens/KEY/. Prints a summary and, last, that directory.",
+        epilog="keys it reads (the data section and tokenizer; set in FILE or as key=value):\n" +
+               _indent(reference(["data", "tokenizer"])))
+    prep.add_argument("-c", "--config", metavar="FILE", help="YAML config (only its data section and tokenizer "
+                                                              "are read)")
+    prep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=corpus/ tokenizer=DIR")
 
     ev = commands.add_parser(
         "eval", help="validation loss/perplexity per length of an exported model directory",
@@ -57,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
+        if args.command == "prepare":
+            from raytrain.prepare import prepare
+            cfg = load_config(args.config, args.overrides, only=("data", "tokenizer"))
+            prepare(cfg.data, cfg.tokenizer)
+        elif args.command == "train":
             from raytrain.train import fit
             fit(load_config(args.config, args.overrides))
         elif args.command == "tune":
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from raytrain.engine import export_checkpoint
             checkpoint = Path(args.checkpoint)
-            cfg = load_config(str(checkpoint.parent / "config.yaml"), ["scaling.num_workers=1"])
+            cfg = load_config(str(checkpoint.parent / "config.yaml"), environment=False)
             print(f"wrote {export_checkpoint(checkpoint, Path(args.out or checkpoint / 'model'), cfg)}")
         elif args.command == "eval":
             print(json.dumps(evaluate_dir(args), indent=2))
@@ -81,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:
         from raytrain.train import TrainingStopped
-        if not isinstance(err, TrainingStopped):
+        from raytrain.tune import SearchFailed
+        if not isinstance(err, (TrainingStopped, SearchFailed)):
             raise
         print(f"raytrain: {err}", file=sys.stderr)
         return 1
@@ -93,7 +110,7 @@ def evaluate_dir(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raytrain.data import check_corpus, load_tokenizer, prepare_corpus
+    from raytrain.data import check_corpus, open_prepared
     from raytrain.evaluate import evaluate
 
     model_dir = Path(args.model_dir)
@@ -106,12 +123,11 @@ def evaluate_dir(args) -> dict:
     if args.tokens:
         overrides.append(f"eval.tokens={args.tokens}")
     cfg = load_config(str(saved) if saved.is_file() else None, overrides + ["scaling.num_workers=1"])
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    corpus = prepare_corpus(cfg.data, tokenizer)
+    corpus = open_prepared(cfg.data, cfg.tokenizer)
     check_corpus(corpus, 0, cfg.eval.lengths)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     batch_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
-    eot = None if cfg.data.cross_documents else tokenizer.eos_token_id
+    eot = None if cfg.data.cross_documents else corpus.index["eot"]
     return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens, eot=eot)
 
 

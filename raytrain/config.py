@@ -7,18 +7,16 @@ starts, and reports every problem together as ``key = value: fix``.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-from raytrain.lengths import SCHEDULES
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+from raytrain.lengths import SCHEDULES, Lengths, Uniform, readers
+from raytrain.section import ConfigError, Problem, Section
 
 
 class ModelConfig(Section):
@@ -38,9 +36,9 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     path: Optional[str] = None
-    """Local text (.txt/.md/.py), .jsonl or .parquet file, or a directory of them; null uses the built-in corpus (Python standard library sources)."""
+    """A text (.txt/.md/.py/.rst), .jsonl or .parquet file, a directory of them, or a Hugging Face datasets directory (save_to_disk); a local path or a URI Ray Data reads (s3://, file://); null uses the built-in corpus (Python standard library sources)."""
     text_field: str = "text"
-    """Field holding the text in .jsonl and .parquet files."""
+    """Field holding the text in .jsonl, .parquet and Hugging Face datasets records."""
     val_fraction: float = Field(0.02, gt=0, lt=0.5)
     """Fraction of the token stream (its tail) held out for validation."""
     windows: Literal["random", "sequential"] = "random"
@@ -48,35 +46,11 @@ class DataConfig(Section):
     cross_documents: bool = True
     """false: no target is predicted from another document's context (attention blocked and positions restarted at each end-of-text token)."""
     cache_dir: str = "~/.cache/raytrain"
-    """Where tokenized corpora are cached (keyed by inputs and tokenizer; re-used when unchanged)."""
+    """Where raytrain prepare writes token shards (keyed by inputs and tokenizer; re-used when unchanged); on a cluster, a path every node shares."""
 
 
-class LengthsConfig(Section):
-    schedule: str = "uniform"
-    """Length schedule: one of the registered names (fixed, uniform, ...)."""
-    min: int = Field(32, ge=1)
-    """Shortest training length (tokens of input per row)."""
-    max: int = Field(256, ge=1)
-    """Longest training length; the fixed schedule always uses it."""
-    multiple_of: int = Field(8, ge=1)
-    """Every length is a multiple of this (keeps kernels efficient)."""
-    warmup_steps: int = Field(0, ge=0)
-    """linear/root: steps to grow from min to max; uniform: steps over which its upper bound grows from min to max (0: none)."""
-    root_degree: float = Field(2.0, ge=1)
-    """root: the curriculum grows like (t / warmup_steps) ** (1 / root_degree)."""
-    stages: list[tuple[int, int]] = Field(default_factory=list)
-    """staged: [[until_step, length], ...]: length for steps before until_step; lengths.max after the last stage."""
-    cycles: int = Field(1, ge=1)
-    """pow2: times the short-to-long mixture sweep repeats over the run."""
-    by: Literal["steps", "tokens"] = "steps"
-    """Clock the schedule runs on: optimizer steps, or tokens seen / train.tokens_per_step."""
-
-    @field_validator("schedule")
-    @classmethod
-    def known_schedule(cls, name: str) -> str:
-        if name not in SCHEDULES:
-            raise ValueError(f"unknown schedule; choose one of {sorted(SCHEDULES)}")
-        return name
+# One model per schedule, chosen by lengths.schedule: each reads only its own keys.
+LengthsConfig = Annotated[Union[tuple(SCHEDULES.values())], Field(discriminator="schedule")]
 
 
 class TrainConfig(Section):
@@ -105,7 +79,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    lengths: list[int] = Field(default_factory=lambda: [64, 256, 512], min_length=1)
+    lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 256, 512], min_length=1)
     """Validation lengths; may exceed lengths.max ("train short, test long")."""
     every: int = Field(80, ge=1)
     """Steps between evaluations (also at step 0 and at the end)."""
@@ -138,8 +112,8 @@ class RunConfig(Section):
     """Where Ray keeps checkpoints: null for run.dir, or a shared path or a cloud URI Ray understands (s3://...)."""
     name: Optional[str] = None
     """Run directory name under dir; null makes a timestamped name."""
-    seed: int = 0
-    """Seeds model init, the length schedule and the data windows."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds model init, the length schedule and the data windows (0 to 2**32 - 1)."""
     checkpoint_every: int = Field(80, ge=1)
     """Steps between checkpoints (also at the end); a restart resumes from the newest."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -153,7 +127,7 @@ class Config(Section):
     tokenizer: str = "bytes"
     """'bytes' (built-in byte-level tokenizer, 256 bytes + end-of-document) or a local Hugging Face tokenizer directory."""
     data: DataConfig = DataConfig()
-    lengths: LengthsConfig = LengthsConfig()
+    lengths: LengthsConfig = Uniform()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -164,26 +138,24 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-SECTIONS = {name: f.annotation for name, f in Config.model_fields.items()
-            if isinstance(f.annotation, type) and issubclass(f.annotation, Section)}
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig, "data": DataConfig, "lengths": Lengths, "train": TrainConfig, "eval": EvalConfig,
+    "deepspeed": DeepSpeedConfig, "scaling": ScalingConfig, "run": RunConfig}
+LENGTHS_KEYS = sorted({key for cls in SCHEDULES.values() for key in cls.model_fields})
 
 
-class ConfigError(ValueError):
-    """Every problem found in a config, reported together."""
-
-    def __init__(self, problems: list[tuple[str, Any, str]]):
-        self.problems = problems
-        lines = [f"  {key} = {value!r}: {fix}" for key, value, fix in problems]
-        super().__init__(f"{len(problems)} problem(s) in the config:\n" + "\n".join(lines))
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> list[tuple[str, Any, str]]:
+def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
     """Set ``section.key=value`` items (values parsed as YAML) in ``raw``; return problems."""
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             problems.append((item, None, "overrides are written section.key=value"))
+            continue
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as err:
+            problems.append((key, text, f"the value does not parse as YAML ({_yaml_reason(err)}); quote it"))
             continue
         *parents, leaf = key.split(".")
         node = raw
@@ -193,158 +165,227 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[tuple[str, Any, str
                 problems.append((key, text, f"'{part}' is not a section"))
                 break
         else:
-            node[leaf] = yaml.safe_load(text) if text else None
+            node[leaf] = value
     return problems
 
 
-def _known(names, bad: str) -> str:
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + str(getattr(err, "problem", None) or err)
+
+
+def _unknown(names, bad: str) -> str:
     close = difflib.get_close_matches(bad, names, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"unknown key; {hint}valid keys: {', '.join(names)}"
 
 
-def _schema_problems(raw: dict) -> tuple[dict, list]:
+def validate_section(cls: type[Section], value: Any, prefix: str, names=None) -> tuple[Section, list[Problem]]:
+    """Validate one section; report each bad key and keep the section with those keys at their defaults,
+    so the cross-key checks still run on the rest (one mistake never hides another)."""
+    if value is None:
+        value = {}
+    if isinstance(value, cls):
+        return value, []
+    if not isinstance(value, dict):
+        return cls(), [(prefix, value, f"must be a mapping of keys ({', '.join(cls.model_fields)})")]
+    try:
+        return cls.model_validate(value), []
+    except ValidationError as err:
+        problems, bad = [], set()
+        for e in err.errors():
+            bad.add(e["loc"][0])
+            key = ".".join([prefix, *map(str, e["loc"])])
+            if e["type"] == "extra_forbidden":
+                problems.append((key, e["input"], _unknown(names or list(cls.model_fields), str(e["loc"][-1]))))
+            else:
+                problems.append((key, e.get("input"), e["msg"].removeprefix("Value error, ")))
+        return cls.model_validate({k: v for k, v in value.items() if k not in bad}), problems
+
+
+def validate_lengths(value: Any) -> tuple[Lengths, list[Problem]]:
+    """The chosen schedule's model; keys it does not read are refused, naming the schedules that read them."""
+    if not isinstance(value, dict):
+        return validate_section(Lengths, value, "lengths")
+    name, problems = value.get("schedule", "uniform"), []
+    cls = SCHEDULES.get(name)
+    if cls is None:  # still check the keys every schedule reads
+        problems.append(("lengths.schedule", name, f"unknown schedule; choose one of {sorted(SCHEDULES)}"))
+        cls, value = Lengths, {k: v for k, v in value.items() if k in Lengths.model_fields and k != "schedule"}
+    foreign = [k for k in value if k not in cls.model_fields and readers(k)]
+    for key in foreign:
+        names = readers(key)
+        problems.append((f"lengths.{key}", value[key], f"the {name} schedule does not read it ("
+                         f"{', '.join(names)} {'reads' if len(names) == 1 else 'read'} it); remove it or choose "
+                         f"{'that schedule' if len(names) == 1 else 'one of those schedules'}"))
+    parsed, more = validate_section(cls, {k: v for k, v in value.items() if k not in foreign}, "lengths",
+                                    LENGTHS_KEYS)
+    return parsed, problems + more
+
+
+def _schema_problems(raw: dict) -> tuple[dict, list[Problem]]:
     """Validate each section on its own so one bad section does not hide another's problems."""
     parsed, problems = {}, []
     for top, value in raw.items():
         if top not in Config.model_fields:
-            problems.append((top, value, _known(list(Config.model_fields), top)))
-    for name, field in Config.model_fields.items():
-        cls = SECTIONS.get(name)
-        value = raw.get(name, field.get_default(call_default_factory=True))
-        if cls is None:  # a plain key (tokenizer)
-            if isinstance(value, str):
-                parsed[name] = value
+            problems.append((top, value, _unknown(list(Config.model_fields), top)))
+    for name in Config.model_fields:
+        value = raw.get(name)
+        if name == "tokenizer":
+            if value is None or isinstance(value, str):
+                parsed[name] = value or "bytes"
             else:
-                problems.append((name, value, f"must be a string: {field.description}"))
+                problems.append((name, value, "must be 'bytes' or a local Hugging Face tokenizer directory"))
             continue
-        try:
-            parsed[name] = value if isinstance(value, cls) else cls.model_validate(value or {})
-        except ValidationError as err:
-            unknown = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden"}
-            if unknown and len(unknown) == len(err.errors()):  # only typos: still cross-check the rest
-                parsed[name] = cls.model_validate({k: v for k, v in value.items() if k not in unknown})
-            for e in err.errors():
-                key = ".".join([name, *map(str, e["loc"])])
-                if e["type"] == "extra_forbidden":
-                    problems.append((key, e["input"], _known(list(cls.model_fields), str(e["loc"][-1]))))
-                else:
-                    problems.append((key, e.get("input"), e["msg"].removeprefix("Value error, ")))
+        parsed[name], found = validate_lengths(value or {}) if name == "lengths" else \
+            validate_section(SECTIONS[name], value, name)
+        problems += found
     return parsed, problems
 
 
-def _cross_problems(s: dict, environment: bool = True) -> list:
-    """Checks that involve several keys or the machine, for the sections that parsed."""
+def _cross_problems(s: dict) -> list[Problem]:
+    """Checks that involve several keys (no files, no machine)."""
+    lengths, train, model, scaling, ev = (s[k] for k in ("lengths", "train", "model", "scaling", "eval"))
+    problems = lengths.problems()
+    if train.tokens_per_step < lengths.max:
+        problems.append(("train.tokens_per_step", train.tokens_per_step,
+                         f"must be >= lengths.max ({lengths.max}) so every step has at least one row"))
+    elif train.tokens_per_step // lengths.max < scaling.num_workers:
+        problems.append(("train.tokens_per_step", train.tokens_per_step,
+                         f"gives {train.tokens_per_step // lengths.max} row(s) at lengths.max, fewer than "
+                         f"scaling.num_workers ({scaling.num_workers}); use at least "
+                         f"{lengths.max * scaling.num_workers}"))
+    if model.pretrained is None:
+        if model.hidden_size % model.num_heads:
+            problems.append(("model.num_heads", model.num_heads,
+                             f"must divide model.hidden_size ({model.hidden_size})"))
+        problems += _position_problems(model.max_positions, lengths, ev, "raise model.max_positions")
+    return problems
+
+
+def _position_problems(positions: int, lengths: Lengths, ev: EvalConfig, fix: str) -> list[Problem]:
     problems = []
-    lengths, train, model, scaling, ev = (s.get(k) for k in ("lengths", "train", "model", "scaling", "eval"))
-    if lengths:
-        m = lengths.multiple_of
-        if lengths.min > lengths.max:
-            problems.append(("lengths.min", lengths.min, f"must be <= lengths.max ({lengths.max})"))
-        for key in ("min", "max"):
-            value = getattr(lengths, key)
-            if value % m:
-                problems.append((f"lengths.{key}", value,
-                                 f"must be a multiple of lengths.multiple_of ({m}); try {max(m, value // m * m)}"))
-    if lengths:
-        problems += _schedule_problems(lengths)
-    if lengths and train:
-        if train.tokens_per_step < lengths.max:
-            problems.append(("train.tokens_per_step", train.tokens_per_step,
-                             f"must be >= lengths.max ({lengths.max}) so every step has at least one row"))
-        elif scaling and train.tokens_per_step // lengths.max < scaling.num_workers:
-            problems.append(("train.tokens_per_step", train.tokens_per_step,
-                             f"gives {train.tokens_per_step // lengths.max} row(s) at lengths.max, fewer than "
-                             f"scaling.num_workers ({scaling.num_workers}); use at least "
-                             f"{lengths.max * scaling.num_workers}"))
-    if model and model.pretrained is None and model.hidden_size % model.num_heads:
-        problems.append(("model.num_heads", model.num_heads,
-                         f"must divide model.hidden_size ({model.hidden_size})"))
-    positions = _max_positions(model) if model else None
-    if positions:
-        if lengths and lengths.max > positions:
-            problems.append(("lengths.max", lengths.max,
-                             f"exceeds the model's {positions} positions; lower it or raise model.max_positions"))
-        for value in (ev.lengths if ev else []):
-            if value > positions:
-                problems.append(("eval.lengths", value, f"exceeds the model's {positions} positions"))
-    if not environment:
-        return problems
-    if scaling and not scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
+    if lengths.max > positions:
+        problems.append(("lengths.max", lengths.max, f"exceeds the model's {positions} positions; lower it or {fix}"))
+    for value in ev.lengths:
+        if value > positions:
+            problems.append(("eval.lengths", value, f"exceeds the model's {positions} positions; lower it or {fix}"))
+    return problems
+
+
+def _environment_problems(s: dict) -> list[Problem]:
+    """Checks against this machine: CPUs, input files, the tokenizer and pretrained model, writable outputs."""
+    from raytrain.sources import source_problems
+    from raytrain.tokenizer import load_tokenizer
+
+    scaling, data, model, run = s["scaling"], s["data"], s["model"], s["run"]
+    problems = []
+    if not scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
         need, have = scaling.num_workers * scaling.cpus_per_worker, os.cpu_count() or 1
         if need > have:
             problems.append(("scaling.num_workers", scaling.num_workers,
                              f"{scaling.num_workers} workers x {scaling.cpus_per_worker} CPU(s) need {need} CPUs "
                              f"but this machine has {have}; use at most {have // scaling.cpus_per_worker} workers "
                              f"or connect to a cluster with RAY_ADDRESS"))
-    data = s.get("data")
-    if data and data.path is not None:
-        path = Path(data.path).expanduser()
-        if not path.exists():
-            problems.append(("data.path", data.path, "does not exist; give a text/.jsonl/.parquet file or a directory"))
-        elif path.is_file() and path.stat().st_size == 0:
-            problems.append(("data.path", data.path, "is empty"))
-    tok = s.get("tokenizer")
-    if tok and tok != "bytes" and not Path(tok).expanduser().is_dir():
-        problems.append(("tokenizer", tok, "must be 'bytes' or a local Hugging Face tokenizer directory"))
-    if model and model.pretrained and not (Path(model.pretrained).expanduser() / "config.json").is_file():
-        problems.append(("model.pretrained", model.pretrained,
-                         "must be a local Hugging Face model directory (with config.json)"))
+    problems += source_problems(data.path, "data.path")
+    problems += _writable_problems("data.cache_dir", data.cache_dir) + _writable_problems("run.dir", run.dir)
+    tokenizer, spec = None, s["tokenizer"]
+    if spec != "bytes" and not Path(spec).expanduser().is_dir():
+        problems.append(("tokenizer", spec, "must be 'bytes' or a local Hugging Face tokenizer directory"))
+    else:
+        try:
+            tokenizer = load_tokenizer(spec)
+        except Exception as err:  # a broken directory: say what the loader said
+            problems.append(("tokenizer", spec, f"does not load as a Hugging Face tokenizer: {err}"))
+    if tokenizer is not None and tokenizer.eos_token_id is None:
+        problems.append(("tokenizer", spec, "has no end-of-text (eos) token, which separates documents in the "
+                                            "token stream; use a tokenizer that defines one"))
+    if model.pretrained is not None:
+        problems += _pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
     return problems
 
 
-def _schedule_problems(lengths: LengthsConfig) -> list:
-    from raytrain.lengths import pow2_lengths
-    problems, m = [], lengths.multiple_of
-    if lengths.schedule == "staged":
-        if not lengths.stages:
-            problems.append(("lengths.stages", [], "the staged schedule needs [[until_step, length], ...]"))
-        untils = [until for until, _ in lengths.stages]
-        if untils != sorted(set(untils)):
-            problems.append(("lengths.stages", lengths.stages, "until_step values must strictly increase"))
-        for until, length in lengths.stages:
-            if not lengths.min <= length <= lengths.max or length % m:
-                problems.append(("lengths.stages", [until, length],
-                                 f"stage length must be a multiple of {m} in [lengths.min, lengths.max] = "
-                                 f"[{lengths.min}, {lengths.max}]"))
-    if lengths.schedule == "pow2" and not [b for b in pow2_lengths(lengths.min, lengths.max) if b % m == 0]:
-        problems.append(("lengths.schedule", "pow2",
-                         f"no power of two that is a multiple of {m} lies in [lengths.min, lengths.max] = "
-                         f"[{lengths.min}, {lengths.max}]; widen the range"))
-    return problems
-
-
-def _max_positions(model: ModelConfig) -> Optional[int]:
-    if model.pretrained is None:
-        return model.max_positions
-    path = Path(model.pretrained).expanduser() / "config.json"
+def _pretrained_problems(directory: str, lengths: Lengths, ev: EvalConfig, tokenizer, spec: str) -> list[Problem]:
+    path = Path(directory).expanduser() / "config.json"
     if not path.is_file():
-        return None
-    import json
-    return json.loads(path.read_text()).get("max_position_embeddings")
+        return [("model.pretrained", directory, "must be a local Hugging Face model directory (with config.json)")]
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return [("model.pretrained", directory, f"its config.json does not read as JSON: {err}")]
+    problems = []
+    positions = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in config), None)
+    if positions:
+        problems += _position_problems(positions, lengths, ev, "use a model with more positions")
+    vocab = config.get("vocab_size")
+    if tokenizer is not None and vocab and len(tokenizer) > vocab:
+        problems.append(("tokenizer", spec, f"has {len(tokenizer)} tokens but model.pretrained embeds only "
+                                            f"{vocab}; use the model's own tokenizer"))
+    return problems
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = (), environment: bool = True) -> Config:
+def _writable_problems(key: str, value: str) -> list[Problem]:
+    """A directory we will create or write into: its nearest existing ancestor must be a writable directory."""
+    if "://" in value:
+        return []
+    probe = Path(value).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return [(key, value, f"{probe} is a file, not a directory; choose a directory")]
+    if not os.access(probe, os.W_OK):
+        return [(key, value, f"{probe} is not writable; choose a directory you can write to")]
+    return []
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = (), environment: bool = True,
+                only: Optional[tuple[str, ...]] = None, adapt_lengths: bool = False) -> Config:
     """Load YAML (if given), apply overrides and validate; raise ConfigError with every problem.
 
-    ``environment=False`` skips the checks against this machine (paths, CPUs): for
-    configs meant for a cluster whose paths live on its shared volume.
+    ``environment=False`` skips the checks against this machine (paths, CPUs, the
+    tokenizer and pretrained model): for configs meant for a cluster whose paths
+    live on its shared volume. ``only`` reads just those top-level keys of the file
+    (the rest keep their defaults), for commands that need one section.
+    ``adapt_lengths`` drops the lengths keys the chosen schedule does not read
+    instead of refusing them: for tune trials that switch the schedule of a base
+    config.
     """
     raw: dict = {}
-    problems = []
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError([("-c", path, f"cannot read the config file: {err}")]) from None
+        except OSError as err:
+            raise ConfigError([("-c", path, f"cannot read the config file: {err.strerror}")]) from None
+        except yaml.YAMLError as err:
+            raise ConfigError([("-c", path, f"not valid YAML: {_yaml_reason(err)}")]) from None
         if not isinstance(raw, dict):
             raise ConfigError([("-c", path, "the config file must be a mapping of sections")])
-    problems += apply_overrides(raw, list(overrides))
+    problems = apply_overrides(raw, list(overrides))
+    if only:
+        problems += [(key, raw[key], f"this command reads only {', '.join(only)}") for key in raw
+                     if key not in only and key in Config.model_fields and any(o.startswith(key) for o in overrides)]
+        raw = {key: value for key, value in raw.items() if key in only or key not in Config.model_fields}
+    lengths = raw.get("lengths")
+    if adapt_lengths and isinstance(lengths, dict) and lengths.get("schedule", "uniform") in SCHEDULES:
+        reads = SCHEDULES[lengths.get("schedule", "uniform")].model_fields
+        raw["lengths"] = {k: v for k, v in lengths.items() if k in reads or not readers(k)}
     parsed, schema = _schema_problems(raw)
-    problems += schema + _cross_problems(parsed, environment)
+    problems += schema + _cross_problems(parsed)
+    if environment:
+        problems += _environment_problems(parsed)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_unique(problems))
     return Config(**parsed)
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    seen, kept = set(), []
+    for key, value, fix in problems:
+        if (key, repr(value), fix) not in seen:
+            seen.add((key, repr(value), fix))
+            kept.append((key, value, fix))
+    return kept
 
 
 def flatten(tree: dict) -> dict:
@@ -358,15 +399,23 @@ def flatten(tree: dict) -> dict:
     return flat
 
 
-def reference() -> str:
-    """Every key with its default and documentation (used by --help and the README)."""
+def reference(only: Optional[list[str]] = None) -> str:
+    """Every key (or those of the sections ``only``) with its default and documentation (--help, the README)."""
     lines = []
     for name, field in Config.model_fields.items():
-        cls = SECTIONS.get(name)
-        if cls is None:
+        if only and name not in only:
+            continue
+        if name not in SECTIONS:
             lines.append(f"{name} (default {field.default!r}): {field.description}")
             continue
-        for key, f in cls.model_fields.items():
-            default = f.get_default(call_default_factory=True)
-            lines.append(f"{name}.{key} (default {default!r}): {f.description}")
+        for key, f in SECTIONS[name].model_fields.items():
+            lines.append(f"{name}.{key} (default {f.get_default(call_default_factory=True)!r}): {f.description}")
+        if name == "lengths":
+            seen = set(Lengths.model_fields)
+            for cls in SCHEDULES.values():
+                for key, f in cls.model_fields.items():
+                    if key not in seen:
+                        seen.add(key)
+                        lines.append(f"lengths.{key} ({', '.join(readers(key))}; default "
+                                     f"{f.get_default(call_default_factory=True)!r}): {f.description}")
     return "\n".join(lines)

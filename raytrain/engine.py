@@ -1,8 +1,11 @@
 """DeepSpeed: the engine config built from our sections, the LR schedule, and export to Hugging Face."""
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -56,8 +59,8 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def export_hf(engine, tokenizer, directory: Path, rank: int, extra_files: dict[str, str] = {}) -> None:
-    """Write a Hugging Face model directory (fp32 safetensors + config + tokenizer) from any ZeRO stage.
+def export_hf(engine, tokenizer_dir: Path, directory: Path, rank: int, extra_files: dict[str, str] = {}) -> None:
+    """Write a Hugging Face model directory (fp32 safetensors + config + the tokenizer's files) from any ZeRO stage.
 
     Collective: every rank must call it (ZeRO-3 gathers its parameter shards).
     """
@@ -70,7 +73,8 @@ def export_hf(engine, tokenizer, directory: Path, rank: int, extra_files: dict[s
             directory.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(directory)
+            for path in Path(tokenizer_dir).iterdir():
+                shutil.copy(path, directory / path.name)
             for name, text in extra_files.items():
                 (directory / name).write_text(text)
 
@@ -85,12 +89,12 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, cfg) -> Path:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from raytrain.data import load_tokenizer
     from raytrain.model import build_model
+    from raytrain.tokenizer import load_tokenizer
 
     engine_dir = checkpoint_dir / "engine"
     tokenizer = load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model, len(tokenizer), tokenizer.eos_token_id)
     if list(engine_dir.glob("*optim_states.pt")) and cfg.deepspeed.zero_stage > 0:
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=engine_dir.name)
     else:
@@ -128,3 +132,50 @@ def worker_env(use_gpu: bool) -> None:
     """Must run before deepspeed is imported in a worker: it picks its accelerator at import."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+# --- DeepSpeed's CPU communication op -----------------------------------------
+
+COMM_OP = "deepspeed_shm_comm"
+
+
+def extensions_dir() -> Path:
+    """Where this installation JIT-builds torch extensions: inside its own environment, so two virtual
+    environments never rebuild into (or lock) each other's folder, as they do in ~/.cache/torch_extensions."""
+    own = Path(sys.prefix) / "var" / "raytrain-torch-extensions"
+    try:
+        own.mkdir(parents=True, exist_ok=True)
+        return own
+    except OSError:  # a read-only system Python: a per-installation folder in the user's cache
+        import hashlib
+        key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        return Path("~/.cache/raytrain/torch-extensions").expanduser() / key
+
+
+def build_comm_op(say=print) -> None:
+    """Build (once) or load DeepSpeed's CPU shared-memory communication op, never waiting on a dead build.
+
+    torch guards a JIT build with a plain lock file that a killed build leaves
+    behind, after which every later build waits forever, silently. Builds here
+    take an OS lock first (released when its holder dies, however it dies), so
+    a torch lock file found while holding it belongs to a dead build: it is
+    reported and removed.
+    """
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+    worker_env(False)
+    root = extensions_dir()
+    with open(root / ".raytrain-build.lock", "a+") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = root / COMM_OP / "lock"
+            if stale.exists():
+                say(f"warning: removed a lock file left by a build that did not finish ({stale})")
+                stale.unlink()
+            if not list((root / COMM_OP).glob("*.so")):
+                say(f"building DeepSpeed's CPU communication op into {root} (once per installation, about a minute)")
+            from deepspeed.accelerator import get_accelerator
+            builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+            if builder is not None:
+                builder.load(verbose=False)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)

@@ -25,12 +25,13 @@ def table(evals: list[dict]) -> str:
 
 
 def step_lengths(run_dir: Path) -> list[int]:
-    """The length of every step, recomputed from the run's config: schedules are pure functions."""
+    """The length of every step, re-planned from the run's config: the step plan is a pure function."""
     from raytrain.config import load_config
-    from raytrain.lengths import build_schedule
-    cfg = load_config(str(run_dir / "config.yaml"), ["scaling.num_workers=1"])
-    schedule = build_schedule(cfg.lengths, cfg.run.seed, cfg.train.max_steps, cfg.train.tokens_per_step)
-    return [schedule(step) for step in range(cfg.train.max_steps)]
+    from raytrain.recipe import Planner
+    cfg = load_config(str(run_dir / "config.yaml"), environment=False)
+    n_tokens = json.loads((run_dir / "corpus.json").read_text())["train_tokens"]
+    plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, n_tokens, cfg.scaling.num_workers)
+    return [plan(step).length for step in range(cfg.train.max_steps)]
 
 
 def write_report(run_dir: Path) -> list[Path]:

@@ -19,16 +19,14 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from raytrain.config import Config, ConfigError, flatten, load_config
+from raytrain.config import Config, ConfigError, flatten, load_config, validate_section
+from raytrain.lengths import SCHEDULES
+from raytrain.section import Section
 
 DISTRIBUTIONS = {"choice", "uniform", "loguniform", "randint", "quniform", "grid"}
 REDRAWS = 50
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class BaseRun(Section):
@@ -66,8 +64,8 @@ class TuneSpec(Section):
     """Training key -> {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}, {quniform: [lo, hi, q]} or {grid: [...]}."""
     num_samples: int = Field(4, ge=1)
     """Random draws (each crossed with every grid combination)."""
-    seed: int = 0
-    """Seeds the draws."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds the draws (0 to 2**32 - 1)."""
     objective: Objective = Objective()
     scheduler: Scheduler = Scheduler()
     max_concurrent: Optional[int] = Field(None, ge=1)
@@ -76,15 +74,20 @@ class TuneSpec(Section):
 
 def load_spec(path: str, overrides: list[str] = ()) -> TuneSpec:
     """Read and validate a tune config; every problem is reported at once."""
-    from raytrain.config import apply_overrides
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    problems = apply_overrides(raw, list(overrides))
+    from raytrain.config import _yaml_reason, apply_overrides
     try:
-        spec = TuneSpec.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(problems + [(".".join(map(str, e["loc"])), e.get("input"), e["msg"])
-                                      for e in err.errors()]) from None
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ConfigError([("-c", path, f"cannot read the tune config: {err.strerror}")]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([("-c", path, f"not valid YAML: {_yaml_reason(err)}")]) from None
+    problems = apply_overrides(raw, list(overrides)) if isinstance(raw, dict) else []
+    spec, found = validate_section(TuneSpec, raw, "")
+    problems += [(key.lstrip("."), value, fix) for key, value, fix in found]
     base_path = _base_path(spec, path)
+    if not spec.search:
+        problems.append(("search", spec.search, "is empty: give at least one training key to search, e.g. "
+                                                "{train.lr: {loguniform: [1.0e-4, 1.0e-2]}}"))
     problems += search_problems(spec, base_path)
     if problems:
         raise ConfigError(problems)
@@ -97,7 +100,7 @@ def _base_path(spec: TuneSpec, tune_path: str) -> Optional[str]:
 
 def base_config(spec: TuneSpec, base_path: Optional[str], extra: list[str] = (), environment: bool = True) -> Config:
     overrides = [f"{k}={json.dumps(v)}" for k, v in spec.base.overrides.items()] + list(extra)
-    return load_config(base_path, overrides, environment=environment)
+    return load_config(base_path, overrides, environment=environment, adapt_lengths=True)
 
 
 def search_problems(spec: TuneSpec, base_path: Optional[str]) -> list:
@@ -153,6 +156,7 @@ def candidates(spec: TuneSpec, base_path: Optional[str]) -> tuple[list[dict], li
     distributions. A draw whose config is invalid is redrawn (up to REDRAWS times).
     """
     rng = np.random.RandomState(spec.seed)
+    base_schedule = base_config(spec, base_path, environment=False).lengths.schedule
     grid = {k: next(iter(d.values())) for k, d in spec.search.items() if "grid" in d}
     random = {k: _domain(*next(iter(d.items()))) for k, d in spec.search.items() if "grid" not in d}
     trials, notes = [], []
@@ -160,7 +164,8 @@ def candidates(spec: TuneSpec, base_path: Optional[str]) -> tuple[list[dict], li
         fixed = dict(zip(grid, point))
         for sample in range(spec.num_samples):
             for _ in range(REDRAWS):
-                params = {**fixed, **{k: _plain(d.sample(random_state=rng)) for k, d in random.items()}}
+                params = unread_as_none({**fixed, **{k: _plain(d.sample(random_state=rng)) for k, d in random.items()}},
+                                        base_schedule)
                 problem = trial_problem(spec, base_path, params)
                 if problem is None:
                     trials.append(params)
@@ -178,8 +183,16 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def unread_as_none(params: dict, base_schedule: str) -> dict:
+    """A search over schedules crossed with one schedule's own key (say lengths.warmup_steps) gives trials
+    whose schedule does not read that key: it is left out of their config and shown as None."""
+    schedule = SCHEDULES.get(params.get("lengths.schedule", base_schedule))
+    return {k: None if schedule and k.startswith("lengths.") and k[8:] not in schedule.model_fields else v
+            for k, v in params.items()}
+
+
 def trial_overrides(params: dict) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    return [f"{k}={json.dumps(v)}" for k, v in params.items() if v is not None]
 
 
 def trial_problem(spec: TuneSpec, base_path: Optional[str], params: dict) -> Optional[str]:
@@ -228,6 +241,8 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"),
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if base.scaling.use_gpu else "cpu"}})
+    from raytrain.prepare import prepare
+    prepare(base.data, base.tokenizer)  # once, before the trials (which share it unless they search data keys)
     total = base.train.max_steps * base.train.tokens_per_step if spec.scheduler.time_attr == "tokens" else None
     scheduler = FIFOScheduler() if spec.scheduler.type == "fifo" else ASHAScheduler(
         time_attr=spec.scheduler.time_attr, max_t=total or 10**9,
@@ -276,7 +291,7 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
         finished = last.get("step") == base_config(spec, base_path, trial_overrides(params),
                                                    environment=False).train.max_steps
         status = "error" if result.error else ("completed" if finished else "stopped early")
-        rows.append({"trial": Path(result.path).name, **params, metric: last.get(metric),
+        rows.append({"trial": Path(result.path).name, **params, metric: last.get(metric), "error": result.error,
                      "tokens": last.get("tokens"), "wall_s": round(last.get("elapsed_s", 0.0), 1), "status": status,
                      "_history": result.metrics_dataframe})
     sign = 1 if spec.objective.mode == "min" else -1
@@ -286,6 +301,12 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    if all(r[metric] is None for r in rows):
+        errors = [f"  {r['trial']}: {str(r['error']).strip().splitlines()[-1] if r['error'] else 'no ' + metric}"
+                  for r in rows]
+        raise SearchFailed(f"every trial of {experiment} failed ({len(rows)} of {len(rows)}); nothing to pick "
+                           f"a best config from. Each trial's last error:\n" + "\n".join(errors) +
+                           f"\nEach trial's run directory is under {experiment / 'trials'}.")
     best = next(r for r in rows if r[metric] is not None)
     best_cfg = trial_config(spec, base_path, {key: best[key] for key in spec.search}, f"best-of-{spec.name}", "runs")
     (experiment / "best_config.yaml").write_text(best_cfg.to_yaml())
@@ -293,6 +314,10 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
     print(markdown_table(rows, columns))
     print(f"\nbest: {best['trial']} -> {experiment / 'best_config.yaml'} (raytrain train -c that file)")
     return rows
+
+
+class SearchFailed(RuntimeError):
+    """No trial of a search produced its objective."""
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -1,0 +1,265 @@
+"""The pieces of the training loop: a pure step plan, one step, a meter, and the checkpointer.
+
+``train.train_worker`` strings them together (torchtitan's and torchtune's
+recipe shape): ``Planner(step)`` says what a step trains on without touching the
+engine, ``train_step`` runs it and returns its numbers, ``Meter`` aggregates
+steps into one log record per interval, and ``Checkpointer`` saves and restores
+every piece of loop state with the engine, so a resumed run writes the same
+records as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from raytrain.data import TokenStream, micro_batches, shard, window_offsets
+from raytrain.lengths import build_schedule
+
+CHECKPOINT_TAG = "engine"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step trains on: a pure function of the config, the corpus size and the step."""
+    step: int
+    length: int  # L: every row has L inputs and L targets
+    rows: int  # rows of the global batch: tokens_per_step // L
+    offsets: np.ndarray  # (rows,) window starts in the train stream
+    world: int
+    rows_per_micro: int  # the most rows one forward/backward takes
+
+    @property
+    def targets(self) -> int:
+        """Targets of the whole global step: nothing is padded, so every row has L."""
+        return self.rows * self.length
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per rank, equal on every rank so collective calls stay in step."""
+        return micro_batches(self.rows, self.world, self.rows_per_micro)
+
+    def share(self, rank: int) -> np.ndarray:
+        """This rank's contiguous share of the window starts (shares differ by at most one row)."""
+        return self.offsets[shard(self.rows, rank, self.world)]
+
+    def rank_batches(self, stream: TokenStream, rank: int) -> list[np.ndarray]:
+        """This rank's (rows, L + 1) micro-batches; one may be empty when a share is smaller than the count."""
+        return np.array_split(stream.windows(self.share(rank), self.length), self.micro_batches)
+
+
+class Planner:
+    """``plan(step) -> StepPlan`` for the lengths and train sections, ``data.windows`` and the seed."""
+
+    def __init__(self, lengths, train, windows: str, seed: int, n_tokens: int, world: int):
+        self.schedule = build_schedule(lengths, seed, train.max_steps, train.tokens_per_step)
+        self.offsets = window_offsets(windows, n_tokens, seed, self.schedule, train.tokens_per_step)
+        self.tokens_per_step, self.world = train.tokens_per_step, world
+        self.micro_tokens = train.micro_batch_tokens or train.tokens_per_step
+        self.lengths = lengths
+
+    def __call__(self, step: int) -> StepPlan:
+        length = self.schedule(step)
+        rows = self.tokens_per_step // length
+        return StepPlan(step, length, rows, self.offsets(step, length, rows), self.world,
+                        max(1, self.micro_tokens // length))
+
+    def largest_micro_batch(self) -> tuple[int, int]:
+        """(rows, L) of the largest micro-batch any rank runs at any length the schedule may draw."""
+        def size(length: int) -> tuple[int, int]:
+            rows = self.tokens_per_step // length
+            most = -(-rows // self.world)  # the largest rank share
+            return -(-most // micro_batches(rows, self.world, max(1, self.micro_tokens // length))), length
+        m = self.lengths.multiple_of
+        candidates = range(max(m, self.lengths.min // m * m), self.lengths.max + 1, m)
+        return max((size(length) for length in candidates), key=lambda s: (s[0] * s[1], s[1]))
+
+
+def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot: Optional[int]):
+    """Forward and backward every micro-batch, then update unless the loss is non-finite.
+
+    Returns the step's loss, summed over ranks and divided by the global step's
+    targets (a float64 tensor), and whether it was finite. Each micro-batch's
+    gradient is scaled by ``world / targets``: DeepSpeed averages gradients over
+    ranks, and this turns the average back into the global-batch mean whatever
+    the split. The finiteness check is the one host sync per step: every rank
+    must agree to skip, and DeepSpeed's own gradient clipping syncs there anyway.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from raytrain.engine import discard_gradients
+    from raytrain.loss import window_loss
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for i, batch in enumerate(batches):
+        engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+        micro_sum = window_loss(engine, torch.from_numpy(batch).to(engine.device), eot)
+        engine.backward(micro_sum * (world / targets))
+        loss_sum += micro_sum.detach().double()
+    dist.all_reduce(loss_sum)
+    loss = loss_sum / targets
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        engine.step()
+    else:
+        discard_gradients(engine)
+    return loss, finite
+
+
+class Meter:
+    """Aggregates steps into one record per log interval; the only ``.item()`` is at log time.
+
+    Its state (the open interval, the skip counters, the training time so far)
+    goes into every checkpoint, so a resumed run's records equal an uninterrupted
+    run's whether or not the interval was open at the checkpoint.
+    """
+
+    def __init__(self):
+        self.loss_sum, self.targets, self.skipped, self.bad_in_a_row = 0.0, 0, 0, 0
+        self.interval_s, self.elapsed_s, self.interval_tokens = 0.0, 0.0, 0
+        self._started: Optional[float] = None
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def pause(self) -> None:
+        """Stop the training clock (evaluation and checkpoints are not training time)."""
+        if self._started is not None:
+            spent = time.perf_counter() - self._started
+            self.interval_s, self.elapsed_s, self._started = self.interval_s + spent, self.elapsed_s + spent, None
+
+    def update(self, loss, finite: bool, targets: int) -> None:
+        self.interval_tokens += targets
+        if finite:
+            self.loss_sum = self.loss_sum + loss * targets  # a tensor: no host sync until flush
+            self.targets += targets
+            self.bad_in_a_row = 0
+        else:
+            self.skipped, self.bad_in_a_row = self.skipped + 1, self.bad_in_a_row + 1
+
+    def flush(self, plan: StepPlan, tokens: int, lr: float) -> dict:
+        """The interval's record (loss token-weighted over its finite steps); opens the next interval."""
+        self.pause()
+        loss = float(self.loss_sum) / self.targets if self.targets else None
+        record = {"step": plan.step + 1, "tokens": tokens, "seq_len": plan.length, "rows": plan.rows, "loss": loss,
+                  "lr": lr, "skipped": self.skipped, "tokens_per_s": self.interval_tokens / max(self.interval_s, 1e-9),
+                  "interval_s": self.interval_s, "elapsed_s": self.elapsed_s}
+        self.loss_sum, self.targets, self.interval_s, self.interval_tokens = 0.0, 0, 0.0, 0
+        self.start()
+        return record
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "targets": self.targets, "skipped": self.skipped,
+                "bad_in_a_row": self.bad_in_a_row, "interval_s": self.interval_s, "elapsed_s": self.elapsed_s,
+                "interval_tokens": self.interval_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands: everything besides the engine and the meter that a resume needs."""
+    step: int = 0
+    tokens: int = 0
+    last_eval: Optional[dict] = None  # the newest evaluation, carried in every report to Ray (Tune's objective)
+
+
+class Checkpointer:
+    """Saves the engine (every rank's DeepSpeed shards), the loop state and the meter in one Ray checkpoint,
+    and restores them; a fresh or restored run's records after its checkpoint are dropped and rewritten."""
+
+    def __init__(self, rank: int, log: Optional["RunLog"]):
+        self.rank, self.log = rank, log
+
+    def restore(self, engine, meter: Meter) -> LoopState:
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:  # fresh, or restarted before Ray registered any checkpoint: start over exactly
+            if self.log:
+                self.log.truncate_after(-1)
+            return LoopState()
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            saved = json.loads(Path(directory, "state.json").read_text())
+        meter.load_state_dict(saved.pop("meter"))
+        state = LoopState(**saved)
+        if self.log:
+            self.log.truncate_after(state.step)
+            say(f"resumed from checkpoint at step {state.step} ({state.tokens:,} tokens): {checkpoint.path}")
+        return state
+
+    def report(self, engine, state: LoopState, meter: Meter, checkpoint: bool) -> None:
+        """Report to Ray Train (a barrier on all ranks), with a checkpoint when ``checkpoint``."""
+        import ray.train
+        metrics = {"step": state.step, "tokens": state.tokens, "elapsed_s": meter.elapsed_s, **(state.last_eval or {})}
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={})
+            if self.rank == 0:
+                Path(tmp, "state.json").write_text(json.dumps({**state.__dict__, "meter": meter.state_dict()}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class RunLog:
+    """Rank 0's files in the run directory (metrics.jsonl, eval.jsonl) and its log lines."""
+
+    def __init__(self, run_dir: Path, max_steps: int):
+        self.run_dir, self.max_steps = run_dir, max_steps
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def metrics(self, record: dict) -> None:
+        self._append("metrics.jsonl", record)
+        step, elapsed = record["step"], record["elapsed_s"]
+        eta = elapsed / step * (self.max_steps - step)  # resumed runs carry their elapsed time: an honest rate
+        loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
+        say(f"step {step}/{self.max_steps} | seq_len {record['seq_len']} | rows {record['rows']} | loss {loss} | "
+            f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+            f"elapsed {timedelta(seconds=round(elapsed))} | ETA {timedelta(seconds=round(eta))}")
+
+    def eval(self, record: dict) -> None:
+        self._append("eval.jsonl", record)
+        losses = "  ".join(f"{k.split('@')[1]}: {v:.4f}" for k, v in record.items() if k.startswith("val/loss@"))
+        say(f"eval step {record['step']} | val loss by length  {losses}")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records a crashed attempt wrote after the checkpoint it resumes from."""
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def _append(self, name: str, record: dict) -> None:
+        with (self.run_dir / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def summarize_eval(results: dict, longest_trained: int) -> dict:
+    """Adds val/loss@max (at lengths.max, when evaluated) and val/loss@mean (over eval lengths): Tune objectives."""
+    losses = {k: v for k, v in results.items() if k.startswith("val/loss@")}
+    summary = dict(results, **{"val/loss@mean": sum(losses.values()) / len(losses)})
+    if f"val/loss@{longest_trained}" in results:
+        summary["val/loss@max"] = results[f"val/loss@{longest_trained}"]
+    return summary
+
+
+def say(line: str) -> None:
+    # Not print(): Ray Train patches print in workers and would echo each line twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def non_finite_message(bad: int, skipped: int, plan: StepPlan, loss) -> str:
+    return (f"step {plan.step + 1}: non-finite loss {float(loss)} at seq_len {plan.length}; update skipped "
+            f"({bad} in a row, {skipped} in all)")
+
