@@ -45,6 +45,8 @@ class DataConfig(Section):
     """random: window starts drawn per step; sequential: consecutive windows, each token a target once per epoch."""
     cross_documents: bool = True
     """false: no target is predicted from another document's context (attention blocked and positions restarted at each end-of-text token)."""
+    shard_bytes: int = Field(32 * 2**20, ge=1)
+    """Input bytes each raytrain prepare task reads into one token shard: the unit of parallelism and of resuming (the token stream is the same for any value)."""
     cache_dir: str = "~/.cache/raytrain"
     """Where raytrain prepare writes token shards (keyed by inputs and tokenizer; re-used when unchanged); on a cluster, a path every node shares."""
 
@@ -233,9 +235,8 @@ def _schema_problems(raw: dict) -> tuple[dict, list[Problem]]:
     for name in Config.model_fields:
         value = raw.get(name)
         if name == "tokenizer":
-            if value is None or isinstance(value, str):
-                parsed[name] = value or "bytes"
-            else:
+            parsed[name] = value if isinstance(value, str) and value else "bytes"
+            if value is not None and not isinstance(value, str):
                 problems.append((name, value, "must be 'bytes' or a local Hugging Face tokenizer directory"))
             continue
         parsed[name], found = validate_lengths(value or {}) if name == "lengths" else \

@@ -52,6 +52,10 @@ class Lengths(Section):
     def length_at(self, seed: int, total_steps: int) -> Callable[[int, float], int]:
         raise NotImplementedError
 
+    def support(self) -> list[int]:
+        """Every length the schedule can draw (the memory probe sizes itself by the largest micro-batch)."""
+        return list(range(self.min, self.max + 1, self.multiple_of))
+
 
 SCHEDULES: dict[str, type[Lengths]] = {}
 
@@ -134,6 +138,9 @@ class Fixed(Lengths):
     def length_at(self, seed, total_steps):
         return lambda step, t: self.max
 
+    def support(self):
+        return [self.max]
+
 
 class Warmup(Lengths):
     """The schedules that grow toward ``max`` over ``warmup_steps``."""
@@ -195,6 +202,9 @@ class Staged(Lengths):
                                  f"[{self.min}, {self.max}]"))
         return problems
 
+    def support(self):
+        return sorted({length for _, length in self.stages} | {self.max})
+
     def length_at(self, seed, total_steps):
         def length(step: int, t: float) -> int:
             for until, value in self.stages:
@@ -236,6 +246,9 @@ class Pow2(Lengths):
                              f"no power of two that is a multiple of {self.multiple_of} lies in [lengths.min, "
                              f"lengths.max] = [{self.min}, {self.max}]; widen the range"))
         return problems
+
+    def support(self):
+        return self.buckets()
 
     def length_at(self, seed, total_steps):
         buckets = self.buckets()

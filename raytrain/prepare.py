@@ -1,7 +1,7 @@
 """``raytrain prepare``: tokenize a corpus of any size with Ray Data into token shards and ``index.json``.
 
 The inputs are cut into parts (``sources``); consecutive parts are grouped into
-units of about ``unit_bytes`` of input, and Ray Data's streaming executor runs
+units of about ``data.shard_bytes`` of input, and Ray Data's streaming executor runs
 one task per unit on any node: it reads its parts, tokenizes in batches with the
 fast tokenizer and streams the ids into its own shard file. No process ever
 holds more than one batch of one unit, so memory stays flat in the corpus size.
@@ -37,7 +37,6 @@ from raytrain.sources import Counts, Part, documents, list_files, parts
 from raytrain.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 FORMAT = "raytrain-tokens/1"
-UNIT_BYTES = 32 * 2**20  # input bytes per task: large enough to amortize start-up, small enough to spread
 BATCH_DOCS = 512  # documents tokenized per call (bounds a task's memory with the longest documents)
 
 
@@ -56,7 +55,7 @@ def corpus_dir(data, tokenizer_spec: str) -> Path:
     return Path(data.cache_dir).expanduser().absolute() / "tokens" / key
 
 
-def prepare(data, tokenizer_spec: str, unit_bytes: int = UNIT_BYTES, say=print) -> Path:
+def prepare(data, tokenizer_spec: str, say=print) -> Path:
     """Prepare the corpus of ``data`` (a DataConfig) unless it is already; return its directory.
 
     Needs Ray (it starts a local instance when none is running); every problem
@@ -75,7 +74,7 @@ def prepare(data, tokenizer_spec: str, unit_bytes: int = UNIT_BYTES, say=print) 
         if (final / "index.json").is_file():  # another command finished it while we waited
             return final
         started = time.time()
-        units = group(parts(files), unit_bytes)
+        units = group(parts(files), data.shard_bytes)
         partial = final.with_suffix(".partial")
         plan = hashlib.sha256(json.dumps(units).encode()).hexdigest()
         if (partial / "plan.txt").is_file() and (partial / "plan.txt").read_text() != plan:

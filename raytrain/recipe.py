@@ -77,9 +77,7 @@ class Planner:
             rows = self.tokens_per_step // length
             most = -(-rows // self.world)  # the largest rank share
             return -(-most // micro_batches(rows, self.world, max(1, self.micro_tokens // length))), length
-        m = self.lengths.multiple_of
-        candidates = range(max(m, self.lengths.min // m * m), self.lengths.max + 1, m)
-        return max((size(length) for length in candidates), key=lambda s: (s[0] * s[1], s[1]))
+        return max((size(length) for length in self.lengths.support()), key=lambda s: (s[0] * s[1], s[1]))
 
 
 def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot: Optional[int]):

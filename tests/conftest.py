@@ -26,5 +26,5 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from raytrain.data import byte_tokenizer
+    from raytrain.tokenizer import byte_tokenizer
     return byte_tokenizer()

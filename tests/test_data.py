@@ -1,15 +1,11 @@
-import json
-
+"""Fast tier: the token stream over shards, windows, the step plan, and the byte tokenizer (no Ray)."""
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
-from raytrain.config import ConfigError, DataConfig, ModelConfig
-from raytrain.data import (SequentialOffsets, check_corpus, eval_offsets, gather_windows, prepare_corpus,
-                           random_offsets, rank_batches)
-from raytrain.model import check_vocab
+from raytrain.config import load_config
+from raytrain.data import SequentialOffsets, TokenStream, eval_offsets, random_offsets
+from raytrain.recipe import Planner, StepPlan
 
 TEXT = "def f(x):\n    return x * 2  # é€\n"
 
@@ -24,102 +20,88 @@ def test_byte_tokenizer_ids_are_utf8_bytes_and_survive_save(tokenizer, tmp_path)
     assert again(TEXT, add_special_tokens=False)["input_ids"] == ids and again.eos_token_id == 256
 
 
-def corpus_for(path, tokenizer, cache, **kw):
-    return prepare_corpus(DataConfig(path=str(path), cache_dir=str(cache), **kw), tokenizer)
+def sharded(stream: np.ndarray, cuts: list[int]) -> TokenStream:
+    edges = [0, *cuts, stream.size]
+    return TokenStream([stream[a:b].astype(np.uint16) for a, b in zip(edges, edges[1:])])
 
 
-def test_text_file_tokens_and_split(tokenizer, tmp_path):
-    (tmp_path / "a.txt").write_text(TEXT * 50)
-    corpus = corpus_for(tmp_path / "a.txt", tokenizer, tmp_path / "cache", val_fraction=0.1)
-    stream = np.concatenate([corpus.train, corpus.val])
-    expected = list((TEXT * 50).encode()) + [256]
-    assert stream.tolist() == expected
-    assert corpus.val.size == int(len(expected) * 0.1)
-
-
-def test_cache_is_reused_until_inputs_change(tokenizer, tmp_path):
-    path = tmp_path / "a.txt"
-    path.write_text(TEXT * 10)
-    first = corpus_for(path, tokenizer, tmp_path / "cache")
-    stamp = (first.directory / "train.bin").stat().st_mtime_ns
-    again = corpus_for(path, tokenizer, tmp_path / "cache")
-    assert again.directory == first.directory and (again.directory / "train.bin").stat().st_mtime_ns == stamp
-    path.write_text(TEXT * 11)
-    changed = corpus_for(path, tokenizer, tmp_path / "cache")
-    assert changed.directory != first.directory
-    assert changed.train.size + changed.val.size == len((TEXT * 11).encode()) + 1
-
-
-def test_jsonl_parquet_and_directories(tokenizer, tmp_path):
-    docs = ["first doc", "second", "third one"]
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[:2]))
-    pq.write_table(pa.table({"body": docs[2:]}), folder / "b.parquet")
-    (folder / "ignored.bin").write_bytes(b"\x00\x01")
-    corpus = corpus_for(folder, tokenizer, tmp_path / "cache", text_field="body", val_fraction=0.05)
-    stream = np.concatenate([corpus.train, corpus.val]).tolist()
-    expected = []
-    for d in docs:
-        expected += list(d.encode()) + [256]
-    assert stream == expected
-    with pytest.raises(ConfigError, match="data.text_field = 'text': missing in .*a.jsonl line 1"):
-        corpus_for(folder, tokenizer, tmp_path / "cache2")
-
-
-def test_directory_without_data_files(tokenizer, tmp_path):
-    (tmp_path / "x.bin").write_bytes(b"1")
-    with pytest.raises(ConfigError, match="holds no"):
-        corpus_for(tmp_path, tokenizer, tmp_path / "cache")
-
-
-def test_corpus_shorter_than_one_window(tokenizer, tmp_path):
-    (tmp_path / "a.txt").write_text("x" * 300)
-    corpus = corpus_for(tmp_path / "a.txt", tokenizer, tmp_path / "cache", val_fraction=0.1)
-    with pytest.raises(ConfigError) as err:
-        check_corpus(corpus, 512, [16, 64])
-    text = str(err.value)
-    assert "the train split has 271 tokens, fewer than one window of lengths.max + 1 = 513" in text
-    assert "eval.lengths = 64: the validation split has 30 tokens, fewer than one window of 65" in text
-    assert "eval.lengths = 16" not in text
-
-
-def test_tokenizer_larger_than_model_vocabulary(tokenizer, tmp_path):
-    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="has 257 tokens but model.pretrained embeds only 100"):
-        check_vocab(ModelConfig(pretrained=str(tmp_path)), tokenizer, "bytes")
-
-
-def test_step_batch_shapes_budget_and_no_padding():
-    stream = np.arange(10_000) % 251
-    for length in (8, 24, 128):
-        rows = 1000 // length
-        offsets = random_offsets(stream.size, 1, 4, length, rows)
-        chunks = rank_batches(stream, offsets, length, micro_tokens=10**9, rank=0, world=1)
-        windows = np.concatenate(chunks)
-        assert windows.shape == (rows, length + 1)
-        assert 1000 - length < rows * length <= 1000  # constant token budget
+def test_windows_across_shard_boundaries_equal_the_single_stream():
+    stream = np.random.default_rng(0).integers(0, 257, 5_000)
+    tokens = sharded(stream, [7, 8, 1000, 1001, 3333])  # tiny and empty-adjacent shards too
+    assert tokens.size == stream.size and len(tokens.shards) == 6
+    assert tokens[0:5000].tolist() == stream.tolist() and tokens[995:1010].tolist() == stream[995:1010].tolist()
+    for length in (1, 16, 64, 999):
+        offsets = np.array([0, 3, 6, 7, 8, 990, 999, 1000, 3300, 5000 - length - 1])
+        windows = tokens.windows(offsets, length)
+        assert windows.shape == (offsets.size, length + 1) and windows.dtype == np.int64
         for row, start in zip(windows, offsets):  # every window is a contiguous slice: nothing padded
             assert row.tolist() == stream[start:start + length + 1].tolist()
+
+
+def plan_config(**keys):
+    return load_config(None, [f"{k}={v}" for k, v in keys.items()], environment=False)
+
+
+def test_step_plan_shapes_budget_and_no_padding():
+    stream = np.arange(10_000) % 251
+    tokens = sharded(stream, [4000])
+    cfg = plan_config(**{"lengths.min": 8, "lengths.max": 128, "train.tokens_per_step": 1000})
+    plan = Planner(cfg.lengths, cfg.train, "random", 1, stream.size, world=1)
+    for step in range(20):
+        p = plan(step)
+        assert p.length == plan.schedule(step) and p.rows == 1000 // p.length
+        assert p.targets == p.rows * p.length and 1000 - p.length < p.targets <= 1000  # constant token budget
+        (windows,) = p.rank_batches(tokens, 0)
+        assert windows.shape == (p.rows, p.length + 1)
+        for row, start in zip(windows, p.offsets):
+            assert row.tolist() == stream[start:start + p.length + 1].tolist()
+    again = Planner(cfg.lengths, cfg.train, "random", 1, stream.size, world=1)
+    assert [again(s).offsets.tolist() for s in (5, 2, 19)] == [plan(s).offsets.tolist() for s in (5, 2, 19)]
 
 
 @pytest.mark.parametrize("world,micro_tokens", [(2, 10**9), (2, 64), (3, 40), (1, 64)])
 def test_global_batch_is_independent_of_workers_and_micro_batches(world, micro_tokens):
     stream = np.random.default_rng(0).integers(0, 257, 50_000)
+    tokens = sharded(stream, [20_000])
     offsets = random_offsets(stream.size, 0, 9, 32, 13)
-    reference = np.concatenate(rank_batches(stream, offsets, 32, 10**9, 0, 1))
-    parts = [rank_batches(stream, offsets, 32, micro_tokens, r, world) for r in range(world)]
-    assert len({len(p) for p in parts}) == 1  # equally many micro-batches on every rank
+    whole = StepPlan(9, 32, 13, offsets, 1, 10**9)
+    reference = np.concatenate(whole.rank_batches(tokens, 0))
+    plan = StepPlan(9, 32, 13, offsets, world, max(1, micro_tokens // 32))
+    parts = [plan.rank_batches(tokens, r) for r in range(world)]
+    assert len({len(p) for p in parts}) == 1 == len({plan.micro_batches})  # equally many on every rank
     assert all(c.shape[0] <= max(1, micro_tokens // 32) for p in parts for c in p)
     assert np.array_equal(np.concatenate([c for p in parts for c in p]), reference)
+
+
+@pytest.mark.parametrize("keys,world,expected", [
+    # no micro_batch_tokens, a rank runs its whole share: 8192 // 248 = 33 rows, 17 on the larger of 2 ranks
+    ({}, 2, (17, 248)),
+    ({}, 1, (32, 256)),  # one rank: 32 x 256 = 8192 tokens beats 33 x 248 = 8184
+    ({"train.micro_batch_tokens": 1000}, 2, (5, 200)),  # 40 rows, 20 a rank, 4 micro-batches of 5
+    ({"lengths.schedule": "fixed"}, 2, (16, 256)),  # fixed draws only lengths.max
+    # staged 64 then 256: 64 x 64 and 16 x 256 tokens tie; the longer length wins (attention grows with L)
+    ({"lengths.schedule": "staged", "lengths.stages": "[[10,64]]", "lengths.min": 64}, 2, (16, 256)),
+])
+def test_largest_micro_batch_over_every_length(keys, world, expected):
+    cfg = plan_config(**keys)
+    plan = Planner(cfg.lengths, cfg.train, "random", 0, 10**6, world)
+    assert plan.largest_micro_batch() == expected
+    # independently: over every length the schedule can draw, the largest micro-batch any rank runs
+    best = (0, 0)
+    drawn = {plan.schedule(step) for step in range(3000)}  # what the schedule really draws
+    for length in drawn:
+        p = StepPlan(0, length, 8192 // length, np.zeros(8192 // length, dtype=np.int64), world,
+                     max(1, (cfg.train.micro_batch_tokens or 8192) // length))
+        biggest = max(len(c) for r in range(world) for c in np.array_split(np.arange(len(p.share(r))),
+                                                                            p.micro_batches))
+        best = max(best, (biggest, length), key=lambda s: (s[0] * s[1], s[1]))
+    assert best == expected
 
 
 def test_eval_windows_do_not_overlap():
     offsets = eval_offsets(1000, 64, 10_000)
     assert offsets.tolist() == [64 * i for i in range(15)]  # (1000 - 1) // 64 windows fit
-    windows = gather_windows(np.arange(1000), offsets, 64)
+    windows = TokenStream([np.arange(1000)]).windows(offsets, 64)
     targets = windows[:, 1:].flatten()
     assert len(set(targets.tolist())) == targets.size == 15 * 64
     assert eval_offsets(1000, 64, 200).size == 3

@@ -2,7 +2,7 @@ import collections
 
 import pytest
 
-from raytrain.config import LengthsConfig
+from raytrain.lengths import Uniform
 from raytrain.lengths import build_schedule
 
 
@@ -21,7 +21,7 @@ def test_uniform_covers_every_multiple_evenly():
 
 
 def test_uniform_is_a_pure_function_of_seed_and_step():
-    cfg = LengthsConfig(schedule="uniform", min=8, max=512, multiple_of=8)
+    cfg = Uniform(min=8, max=512, multiple_of=8)
     a, b = build_schedule(cfg, seed=7), build_schedule(cfg, seed=7)
     steps = [0, 1, 2, 500, 99999, 3]
     assert [a(s) for s in steps] == [b(s) for s in steps]

@@ -3,8 +3,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from raytrain.data import random_offsets, rank_batches
+from raytrain.data import TokenStream, random_offsets
 from raytrain.loss import count_targets, token_loss_sum, window_loss
+from raytrain.recipe import StepPlan
+
+
+def rank_batches(stream, offsets, length, micro_tokens, rank, world):
+    plan = StepPlan(0, length, offsets.size, offsets, world, max(1, micro_tokens // length))
+    return plan.rank_batches(TokenStream([stream]), rank)
 
 
 @pytest.fixture(scope="module")
