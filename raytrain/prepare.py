@@ -68,11 +68,11 @@ def prepare(data, tokenizer_spec: str, say=print) -> Path:
     final = Path(data.cache_dir).expanduser().absolute() / "tokens" / corpus_key(
         data, files, tokenizer_fingerprint(tokenizer))
     if (final / "index.json").is_file():
-        return final
+        return found(final, say)
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final.with_suffix(".lock"), say):
         if (final / "index.json").is_file():  # another command finished it while we waited
-            return final
+            return found(final, say)
         started = time.time()
         units = group(parts(files), data.shard_bytes)
         partial = final.with_suffix(".partial")
@@ -82,8 +82,12 @@ def prepare(data, tokenizer_spec: str, say=print) -> Path:
         partial.mkdir(exist_ok=True)
         (partial / "plan.txt").write_text(plan)
         dtype = np.dtype("<u2" if len(tokenizer) <= 2**16 else "<u4")
-        metas = run_units(units, partial, data.text_field, tokenizer_spec, dtype.str, say)
-        summary = write_index(metas, partial, data, tokenizer_spec, tokenizer, dtype)
+        try:
+            metas = run_units(units, partial, data.text_field, tokenizer_spec, dtype.str, say)
+            summary = write_index(metas, partial, data, tokenizer_spec, tokenizer, dtype)
+        except ConfigError:  # a bad input: its fix changes the key, so nothing here is worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         partial.rename(final)
     seconds = time.time() - started
     size = sum(m["bytes"] for m in metas)
@@ -95,6 +99,13 @@ def prepare(data, tokenizer_spec: str, say=print) -> Path:
         f"{len(summary['train']) + len(summary['val'])} shards{notes}")
     say(str(final))
     return final
+
+
+def found(directory: Path, say) -> Path:
+    index = json.loads((directory / "index.json").read_text())
+    say(f"prepared corpus found: {index['documents']:,} documents, {index['tokens']:,} tokens")
+    say(str(directory))
+    return directory
 
 
 def group(all_parts: list[Part], unit_bytes: int) -> list[list[dict]]:
@@ -146,13 +157,12 @@ def run_units(units: list[list[dict]], partial: Path, text_field: str, tokenizer
                        "dtype": dtype},
             runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr) as bar:
-            try:
-                for row in tasks.iter_rows():
-                    meta = json.loads(row["meta"])
-                    metas[meta["index"]] = meta
-                    bar.update(meta["bytes"])
-            except Exception as err:
-                raise _config_error(err) or err
+            for row in tasks.iter_rows():
+                meta = json.loads(row["meta"])
+                if "problems" in meta:  # a bad input, found by the task reading it
+                    raise ConfigError([tuple(problem) for problem in meta["problems"]])
+                metas[meta["index"]] = meta
+                bar.update(meta["bytes"])
     ordered = [metas[i] for i in range(len(units))]
     for meta in ordered:  # written by a task on another node to a path not shared with this one?
         if finished_unit(partial, meta["index"], dtype) is None:
@@ -160,17 +170,6 @@ def run_units(units: list[list[dict]], partial: Path, text_field: str, tokenizer
                                 f"the shard of unit {meta['index']}, written on node {meta['node']}, is not "
                                 f"visible here: data.cache_dir must be a path every node shares")])
     return ordered
-
-
-def _config_error(err: BaseException) -> Optional[ConfigError]:
-    """The ConfigError a task raised, out of Ray's wrappers (so the user sees our message, not a traceback)."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, ConfigError):
-            return ConfigError(seen.problems)
-        cause = getattr(seen, "cause", None)
-        seen = cause if isinstance(cause, BaseException) else (seen.__cause__ or seen.__context__)
-    return None
 
 
 def shard_name(index: int) -> str:
@@ -190,17 +189,27 @@ def finished_unit(partial: Path, index: int, dtype: str) -> Optional[dict]:
 
 
 def tokenize_units(batch: dict, partial: str, text_field: str, tokenizer_spec: str, dtype: str) -> dict:
-    """Ray Data task: tokenize each unit of ``batch`` into its shard; return its counts."""
+    """Ray Data task: tokenize each unit of ``batch`` into its shard; return its counts (or the input's problems,
+    as data: Ray's exception wrappers would bury the message under a traceback)."""
+    try:
+        return {"meta": [json.dumps(tokenize_unit(int(index), json.loads(unit), partial, text_field, tokenizer_spec,
+                                                  dtype)) for index, unit in zip(batch["index"], batch["parts"])]}
+    except ConfigError as err:
+        return {"meta": [json.dumps({"problems": err.problems})]}
+
+
+def tokenize_unit(index: int, unit: list[dict], partial: str, text_field: str, tokenizer_spec: str,
+                  dtype: str) -> dict:
+    """Read one unit's parts, tokenize in batches and stream the ids into its shard; its counts."""
     import ray
     tokenizer = _cached_tokenizer(tokenizer_spec)
     eot = tokenizer.eos_token_id
-    out = []
-    for index, unit in zip(batch["index"], batch["parts"]):
-        index, counts, tokens, docs, size = int(index), Counts(), 0, 0, 0
-        shard = Path(partial) / shard_name(index)
-        scratch = shard.with_name(f"{shard.name}.{os.getpid()}.tmp")
+    counts, tokens, docs, size = Counts(), 0, 0, 0
+    shard = Path(partial) / shard_name(index)
+    scratch = shard.with_name(f"{shard.name}.{os.getpid()}.tmp")
+    try:
         with open(scratch, "wb") as f:
-            for spec in json.loads(unit):
+            for spec in unit:
                 part = Part(**spec)
                 size += part.size
                 texts = []
@@ -211,12 +220,14 @@ def tokenize_units(batch: dict, partial: str, text_field: str, tokenizer_spec: s
                         docs, texts = docs + len(texts), []
                 tokens += _write(f, tokenizer, texts, eot, dtype)
                 docs += len(texts)
-        scratch.rename(shard)  # whole, then its counts: a shard with counts is complete
-        meta = {"index": index, "tokens": tokens, "documents": docs, "bytes": size, "replaced": counts.replaced,
-                "empty": counts.empty, "node": ray.get_runtime_context().get_node_id()[:12]}
-        (Path(partial) / f"unit-{index:06d}.json").write_text(json.dumps(meta))
-        out.append(json.dumps(meta))
-    return {"meta": out}
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    scratch.rename(shard)  # whole, then its counts: a shard with counts is complete
+    meta = {"index": index, "tokens": tokens, "documents": docs, "bytes": size, "replaced": counts.replaced,
+            "empty": counts.empty, "node": ray.get_runtime_context().get_node_id()[:12]}
+    (Path(partial) / f"unit-{index:06d}.json").write_text(json.dumps(meta))
+    return meta
 
 
 def _write(f, tokenizer, texts: list[str], eot: int, dtype: str) -> int:

@@ -24,3 +24,6 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = [f"  {key} = {value!r}: {fix}" for key, value, fix in problems]
         super().__init__(f"{len(problems)} problem(s) in the config:\n" + "\n".join(lines))
+
+    def __reduce__(self):  # rebuilt from its problems when it crosses a process (a Ray worker's error)
+        return ConfigError, (self.problems,)
