@@ -123,7 +123,7 @@ def evaluate_dir(args) -> dict:
     if args.tokens:
         overrides.append(f"eval.tokens={args.tokens}")
     cfg = load_config(str(saved) if saved.is_file() else None, overrides + ["scaling.num_workers=1"])
-    corpus = open_prepared(cfg.data, cfg.tokenizer)
+    corpus = open_prepared(cfg.data, cfg.tokenizer, say=lambda line: print(line, file=sys.stderr))
     check_corpus(corpus, 0, cfg.eval.lengths)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     batch_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step

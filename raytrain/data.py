@@ -82,10 +82,10 @@ def open_corpus(directory: Path, cache_dir: str = "") -> Corpus:
     return Corpus(train=stream("train"), val=stream("val"), directory=directory, index=index)
 
 
-def open_prepared(data, tokenizer_spec: str) -> Corpus:
+def open_prepared(data, tokenizer_spec: str, say=print) -> Corpus:
     """Prepare the corpus of ``data`` if it is not yet (Ray Data), then open it."""
     from raytrain.prepare import prepare
-    return open_corpus(prepare(data, tokenizer_spec), data.cache_dir)
+    return open_corpus(prepare(data, tokenizer_spec, say), data.cache_dir)
 
 
 def check_corpus(corpus: Corpus, longest_train: int, eval_lengths: list[int]) -> None:

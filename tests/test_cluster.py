@@ -1,4 +1,5 @@
 """cluster/: every shipped file validates, and 2 workers on 2 simulated Ray nodes train like one node."""
+import json
 import os
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def test_gpu_training_configs_validate(path):
 
 @pytest.mark.ray
 def test_two_simulated_nodes_match_one_node(ray_session, cache_dir, tmp_path):
-    """2 workers SPREAD over 2 Ray nodes, joined through RAY_ADDRESS, checkpoints in a shared directory."""
+    """The corpus prepared by tasks on both of 2 Ray nodes, then 2 workers SPREAD over them, joined through
+    RAY_ADDRESS, checkpoints in a shared directory: the same records as one node."""
     from ray.cluster_utils import Cluster
 
     from raytrain.train import fit
@@ -70,7 +72,8 @@ def test_two_simulated_nodes_match_one_node(ray_session, cache_dir, tmp_path):
         cluster.wait_for_nodes()
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
         command = [sys.executable, "-m", "raytrain.cli", "train", *common, "run.name=two-nodes",
-                   "scaling.placement_strategy=STRICT_SPREAD"]
+                   "scaling.placement_strategy=STRICT_SPREAD", f"data.cache_dir={tmp_path / 'shared-cache'}",
+                   "data.shard_bytes=400000"]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         # Each worker ran on its own node: the ranks' log lines name different nodes.
@@ -78,6 +81,8 @@ def test_two_simulated_nodes_match_one_node(ray_session, cache_dir, tmp_path):
         nodes = {rank: line.split(" on node ")[1].split(",")[0] for rank in ("0/2", "1/2")
                  for line in lines if f"rank {rank} on node " in line}
         assert len(nodes) == 2 and nodes["0/2"] != nodes["1/2"]
+        units = [json.loads(p.read_text()) for p in (tmp_path / "shared-cache").glob("tokens/*/unit-*.json")]
+        assert len(units) >= 10 and {u["node"] for u in units} == {n[:12] for n in nodes.values()}
     finally:
         cluster.shutdown()
     one, two = read_jsonl(tmp_path / "one-node" / "metrics.jsonl"), read_jsonl(tmp_path / "two-nodes" / "metrics.jsonl")

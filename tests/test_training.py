@@ -1,4 +1,6 @@
 """Integration: real Ray Train workers running real DeepSpeed engines on CPU."""
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -32,16 +34,32 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def runs(ray_session, cache_dir, tmp_path_factory):
+    from raytrain.engine import COMM_OP, extensions_dir
     from raytrain.train import fit
     root = tmp_path_factory.mktemp("runs")
     common = TINY + [f"data.cache_dir={cache_dir}", f"run.dir={root}"]
     for name, extra in RUNS.items():
         overrides = common + extra + [f"run.name={name}"]
-        if name == "zero1":
-            assert main(["train", *overrides]) == 0
+        if name == "zero1":  # through the CLI, with the lock a killed op build leaves behind
+            stale = extensions_dir() / COMM_OP / "lock"
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            stale.touch()
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert main(["train", *overrides]) == 0
+            (root / "zero1.out").write_text(out.getvalue())
+            assert not stale.exists()
         else:
             fit(load_config(None, overrides))
     return root
+
+
+def test_a_lock_left_by_a_killed_op_build_is_reported_and_cleared(runs):
+    from raytrain.engine import COMM_OP, extensions_dir
+    out = (runs / "zero1.out").read_text()
+    assert f"warning: removed a lock file left by a build that did not finish ({extensions_dir() / COMM_OP}/lock)" \
+        in out
+    assert (runs / "zero1" / "model" / "model.safetensors").is_file()  # and the run finished
 
 
 def test_run_directory_files(runs):
