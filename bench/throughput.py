@@ -10,9 +10,11 @@ per step, the same 2 CPU threads in all:
 
 Warm-up steps are left out of every timing; raytrain's figure comes from its own
 ``metrics.jsonl`` (evaluation and checkpoints excluded, as in its log line).
+The three loops run in turn, ``--rounds`` times (this machine's speed drifts by
+several percent over minutes); each loop's figure is its mean over the rounds.
 Prints a Markdown table and the two ratios raytrain / bare.
 
-    python bench/throughput.py [--steps 70] [--skip 10] [--length 256] [--tokens-per-step 8192]
+    python bench/throughput.py [--rounds 2] [--steps 70] [--skip 10] [--length 256] [--tokens-per-step 8192]
 """
 from __future__ import annotations
 
@@ -27,33 +29,34 @@ THREADS = 2  # this machine's cores; every loop below uses exactly this many
 
 
 def bare_loop(cfg, steps: int, skip: int) -> float:
-    """The plainest loop; tokens/s over the steps after ``skip``."""
-    import numpy as np
+    """The plainest loop on the same step plan (lengths, rows, windows); tokens/s over the steps after ``skip``."""
     import torch
 
-    from raytrain.data import load_tokenizer, open_prepared
+    from raytrain.data import open_prepared
     from raytrain.model import build_model
+    from raytrain.recipe import Planner
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    stream = open_prepared(cfg.data, tokenizer).train
-    model = build_model(cfg.model, tokenizer)
+    corpus = open_prepared(cfg.data, cfg.tokenizer)
+    stream = corpus.train
+    model = build_model(cfg.model, corpus.index["vocab_size"], corpus.index["eot"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.train.weight_decay)
-    length, rows = cfg.lengths.max, cfg.train.tokens_per_step // cfg.lengths.max
-    rng = np.random.default_rng(0)
+    plan, tokens = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, stream.size, world=1), 0
     for step in range(steps):
         if step == skip:
-            start = time.perf_counter()
-        batch = torch.from_numpy(stream.windows(rng.integers(0, stream.size - length, rows), length))
+            start, tokens = time.perf_counter(), 0
+        p = plan(step)
+        batch = torch.from_numpy(stream.windows(p.offsets, p.length))
         logits = model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (steps - skip) * rows * length / (time.perf_counter() - start)
+        tokens += p.targets
+    return tokens / (time.perf_counter() - start)
 
 
 def raytrain_loop(cfg, skip: int) -> float:
@@ -68,6 +71,7 @@ def raytrain_loop(cfg, skip: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=70)
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of every timing")
     parser.add_argument("--length", type=int, default=256)
@@ -78,7 +82,7 @@ def main() -> None:
 
     from raytrain.config import load_config
     ray.init(num_cpus=THREADS, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    results = {}
+    results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         common = ["lengths.schedule=fixed", f"lengths.max={args.length}", f"lengths.min={min(32, args.length)}",
                   f"train.tokens_per_step={args.tokens_per_step}", f"train.max_steps={args.steps}",
@@ -87,14 +91,17 @@ def main() -> None:
         layouts = {"raytrain, 2 workers x 1 CPU": ["scaling.num_workers=2", "scaling.cpus_per_worker=1"],
                    "raytrain, 1 worker x 2 CPUs": ["scaling.num_workers=1", "scaling.cpus_per_worker=2"]}
         cfg = load_config(None, common + layouts["raytrain, 1 worker x 2 CPUs"] + ["run.name=warm"])
-        from raytrain.prepare import prepare
-        prepare(cfg.data, cfg.tokenizer)
-        results[f"bare PyTorch, 1 process x {THREADS} threads"] = bare_loop(cfg, args.steps, args.skip)
-        for i, (name, layout) in enumerate(layouts.items()):
-            results[name] = raytrain_loop(load_config(None, common + layout + [f"run.name=run{i}"]), args.skip)
+        for r in range(args.rounds):
+            results.setdefault(f"bare PyTorch, 1 process x {THREADS} threads", []).append(
+                bare_loop(cfg, args.steps, args.skip))
+            for i, (name, layout) in enumerate(layouts.items()):
+                run = load_config(None, common + layout + [f"run.name=round{r}-{i}"])
+                results.setdefault(name, []).append(raytrain_loop(run, args.skip))
+    results = {name: sum(rates) / len(rates) for name, rates in results.items()}
     bare = next(iter(results.values()))
     print(f"\n{args.steps - args.skip} timed steps (after {args.skip} warm-up) x {args.tokens_per_step:,} tokens at "
-          f"length {args.length}, built-in model, {THREADS} CPU threads in every loop\n")
+          f"length {args.length}, built-in model, {THREADS} CPU threads in every loop, mean of {args.rounds} "
+          f"rounds\n")
     print("| loop | tokens/s | ratio to bare |\n|---|---:|---:|")
     for name, rate in results.items():
         print(f"| {name} | {rate:,.0f} | {rate / bare:.3f} |")

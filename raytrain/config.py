@@ -71,7 +71,7 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final LR as a fraction of lr."""
     weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay."""
+    """AdamW weight decay, on the linear layers' weight matrices only (not norms, biases or embeddings)."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clip (0 disables)."""
     max_nonfinite: int = Field(5, ge=1)

@@ -36,8 +36,22 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, use_gpu: bool, wor
 
 def init_engine(model, config: dict):
     import deepspeed
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    weight_decay = config["optimizer"]["params"]["weight_decay"]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                      config=config)
     return engine
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on the weight matrices of linear layers only, never on norms, biases or embeddings
+    (a tied output head is the embedding itself). Decaying gains and embeddings toward zero only hurts."""
+    import torch
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, rest = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 and id(param) not in embeddings else rest).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def lr_schedule(train: TrainConfig) -> Callable[[float], float]:

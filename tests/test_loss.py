@@ -109,3 +109,18 @@ def test_documents_do_not_see_each_other_when_kept_apart():
     torch.testing.assert_close(logits(first, True), model(input_ids=alone).logits[0], rtol=0, atol=1e-5)
     windows = torch.cat([first, other])
     assert window_loss(model, windows, eot).item() > 0
+
+
+def test_weight_decay_only_on_linear_weight_matrices():
+    from raytrain.config import load_config
+    from raytrain.engine import param_groups
+    from raytrain.model import build_model
+    model = build_model(load_config(environment=False).model, 257, 256)
+    decay, rest = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - \
+        {id(model.model.embed_tokens.weight)}  # the tied output head is the embedding
+    assert {id(p) for p in decay["params"]} == linear and len(linear) == 4 * 7  # q k v o gate up down per layer
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] or "embed" in names[id(p)] for p in rest["params"])
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))

@@ -150,3 +150,23 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     for name, stamp in finished.items():  # the finished trial was not run again
         assert (trials / name / "model" / "model.safetensors").stat().st_mtime_ns == stamp
     assert len(list(trials.glob("*/model/model.safetensors"))) == 3
+
+
+@pytest.mark.ray
+def test_a_search_in_which_every_trial_fails_says_so_and_why(ray_session, tmp_path, capsys):
+    from raytrain.cli import main
+    from tests.poison import corpus_file, poisoned_model
+    model = poisoned_model(tmp_path / "model")
+    data = corpus_file(tmp_path, every=16)  # every window feeds '~': every step is non-finite
+    base = {**TINY_BASE, "model.pretrained": str(model), "data.path": data, "data.cache_dir": str(tmp_path / "c"),
+            "data.val_fraction": 0.1, "train.max_nonfinite": 1}
+    for key in ("model.hidden_size", "model.num_layers", "model.intermediate_size"):
+        base.pop(key)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({"name": "doomed", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
+                                    "search": {"train.lr": {"grid": [1e-3, 2e-3]}}, "scheduler": {"type": "fifo"},
+                                    "max_concurrent": 2}))
+    assert main(["tune", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"every trial of {tmp_path / 'exp' / 'doomed'} failed (2 of 2)" in err
+    assert err.count("stopped: 1 non-finite losses in a row (train.max_nonfinite)") == 2
