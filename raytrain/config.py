@@ -45,8 +45,8 @@ class DataConfig(Section):
     """random: window starts drawn per step; sequential: consecutive windows, each token a target once per epoch."""
     cross_documents: bool = True
     """false: no target is predicted from another document's context (attention blocked and positions restarted at each end-of-text token)."""
-    shard_bytes: int = Field(32 * 2**20, ge=1)
-    """Input bytes each raytrain prepare task reads into one token shard: the unit of parallelism and of resuming (the token stream is the same for any value)."""
+    shard_bytes: Optional[int] = Field(None, ge=1)
+    """Input bytes each raytrain prepare task reads into one token shard: the unit of parallelism and of resuming; null: a 16th of the corpus, between 16 MiB and 256 MiB (the token stream is the same for any value)."""
     cache_dir: str = "~/.cache/raytrain"
     """Where raytrain prepare writes token shards (keyed by inputs and tokenizer; re-used when unchanged); on a cluster, a path every node shares."""
 

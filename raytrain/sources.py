@@ -21,7 +21,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".parquet"}
 SUPPORTED = ", ".join(sorted(TEXT_SUFFIXES | RECORD_SUFFIXES))
 BUILTIN_BYTES = 6_000_000  # enough for a few hundred tiny-model steps without repeating much
-JSONL_PART_BYTES = 64 * 2**20  # a .jsonl file is read in parts of about this many bytes
+JSONL_PART_BYTES = 4 * 2**20  # a .jsonl file is cut into parts of about this many bytes (tasks balance by parts)
 
 
 @dataclass(frozen=True)
