@@ -103,6 +103,8 @@ class ScalingConfig(Section):
     """CPUs (and torch threads) per worker."""
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     """Extra Ray resources per worker (e.g. {"accelerator_type:A10G": 0.001}); CPU and GPU come from the keys above."""
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    """Peak TFLOP/s of one worker's device for MFU; null: from a table of GPUs (A10G, L4, L40S, A100, H100, H200, B200, bf16 dense), or on CPU a matmul measured at start-up."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers' bundles on nodes: PACK fills nodes first, SPREAD uses many."""
 

@@ -23,3 +23,59 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot: int):
         pad_token_id=None, attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config)
+
+
+def matmul_weights(model) -> int:
+    """Weights a token is multiplied by: every linear layer (GPT-2's Conv1D too), the output head included.
+
+    Counted from the module itself, so pretrained models of any architecture are
+    covered; ZeRO-3 leaves partitioned parameters empty and keeps their size in
+    ``ds_numel``.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, Conv1D)))
+
+
+def training_flops_per_token(model, length: int, weights: int | None = None) -> float:
+    """Model FLOPs of one token's forward and backward at sequence length ``length`` (backward = 2x forward).
+
+    Forward: 2 FLOPs per matmul weight, plus attention's two matmuls per layer
+    (scores QK^T and the weighted sum AV), each 2 * L * width for a token, over
+    the full L x L square as PaLM's MFU convention counts it (and as eager
+    attention computes it).
+    """
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    weights = matmul_weights(model) if weights is None else weights
+    return 3 * (2 * weights + 4 * layers * width * length)
+
+
+# bf16 dense tensor-core peaks from the vendors' datasheets, TFLOP/s per device; matched against the device name.
+PEAK_TFLOPS = {"A10G": 70.0, "L4": 121.0, "L40S": 362.0, "A100": 312.0, "H100": 989.0, "H200": 989.0,
+               "B200": 2250.0}
+
+
+def peak_flops(use_gpu: bool, override_tflops: float | None, threads: int) -> tuple[float, str]:
+    """Peak FLOP/s of one worker's device and where the figure comes from (said in the log)."""
+    import time
+
+    import torch
+    if override_tflops:
+        return override_tflops * 1e12, "scaling.peak_tflops"
+    if use_gpu:
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name.replace(" ", ""):
+                return tflops * 1e12, f"{key} bf16 datasheet"
+        return float("nan"), f"unknown device {name!r}: set scaling.peak_tflops"
+    a, b = torch.randn(512, 512), torch.randn(512, 512)  # CPU: what a fp32 matmul reaches on these threads
+    torch.mm(a, b)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        torch.mm(a, b)
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - start), f"a fp32 matmul measured on {threads} CPU thread(s)"

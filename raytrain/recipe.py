@@ -13,6 +13,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -84,7 +85,8 @@ def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot:
     """Forward and backward every micro-batch, then update unless the loss is non-finite.
 
     Returns the step's loss, summed over ranks and divided by the global step's
-    targets (a float64 tensor), and whether it was finite. Each micro-batch's
+    targets (a float64 tensor), whether it was finite, and the gradient norm
+    before clipping (DeepSpeed's, over all ranks; None for a skipped step). Each micro-batch's
     gradient is scaled by ``world / targets``: DeepSpeed averages gradients over
     ranks, and this turns the average back into the global-batch mean whatever
     the split. The finiteness check is the one host sync per step: every rank
@@ -104,11 +106,14 @@ def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot:
     dist.all_reduce(loss_sum)
     loss = loss_sum / targets
     finite = bool(torch.isfinite(loss))
-    if finite:
-        engine.step()
-    else:
+    if not finite:
         discard_gradients(engine)
-    return loss, finite
+        return loss, finite, None
+    # ZeRO 1-3 and DeepSpeed's bf16 optimizer keep the norm they clip with; plain ZeRO-0 clips without keeping it
+    norm = None if engine.zero_optimization_stage() else torch.nn.utils.get_total_norm(
+        [p.grad for p in engine.module.parameters() if p.grad is not None])
+    engine.step()
+    return loss, finite, engine.get_global_grad_norm() if norm is None else norm  # a tensor: read at log time
 
 
 class Meter:
@@ -116,12 +121,15 @@ class Meter:
 
     Its state (the open interval, the skip counters, the training time so far)
     goes into every checkpoint, so a resumed run's records equal an uninterrupted
-    run's whether or not the interval was open at the checkpoint.
+    run's whether or not the interval was open at the checkpoint. ``peak_flops``
+    is the whole job's (every worker's device) for MFU.
     """
 
-    def __init__(self):
+    def __init__(self, peak_flops: float = float("nan")):
+        self.peak_flops = peak_flops
         self.loss_sum, self.targets, self.skipped, self.bad_in_a_row = 0.0, 0, 0, 0
         self.interval_s, self.elapsed_s, self.interval_tokens = 0.0, 0.0, 0
+        self.flops, self.data_s, self.norm_sum, self.norms = 0.0, 0.0, 0.0, 0
         self._started: Optional[float] = None
 
     def start(self) -> None:
@@ -133,8 +141,17 @@ class Meter:
             spent = time.perf_counter() - self._started
             self.interval_s, self.elapsed_s, self._started = self.interval_s + spent, self.elapsed_s + spent, None
 
-    def update(self, loss, finite: bool, targets: int) -> None:
-        self.interval_tokens += targets
+    @contextmanager
+    def waiting_for_data(self):
+        """Time spent building the step's batches on the host (the share of step time waiting for data)."""
+        start = time.perf_counter()
+        yield
+        self.data_s += time.perf_counter() - start
+
+    def update(self, loss, finite: bool, grad_norm, targets: int, flops: float) -> None:
+        self.interval_tokens, self.flops = self.interval_tokens + targets, self.flops + flops
+        if grad_norm is not None:
+            self.norm_sum, self.norms = self.norm_sum + grad_norm, self.norms + 1
         if finite:
             self.loss_sum = self.loss_sum + loss * targets  # a tensor: no host sync until flush
             self.targets += targets
@@ -146,20 +163,35 @@ class Meter:
         """The interval's record (loss token-weighted over its finite steps); opens the next interval."""
         self.pause()
         loss = float(self.loss_sum) / self.targets if self.targets else None
+        seconds = max(self.interval_s, 1e-9)
         record = {"step": plan.step + 1, "tokens": tokens, "seq_len": plan.length, "rows": plan.rows, "loss": loss,
-                  "lr": lr, "skipped": self.skipped, "tokens_per_s": self.interval_tokens / max(self.interval_s, 1e-9),
-                  "interval_s": self.interval_s, "elapsed_s": self.elapsed_s}
+                  "lr": lr, "skipped": self.skipped, "grad_norm": float(self.norm_sum) / self.norms if self.norms
+                  else None, "tokens_per_s": self.interval_tokens / seconds, "tflops": self.flops / seconds / 1e12,
+                  "mfu": self.flops / seconds / self.peak_flops, "data_wait": self.data_s / seconds,
+                  "peak_memory_gb": peak_memory() / 2**30, "interval_s": self.interval_s, "elapsed_s": self.elapsed_s}
         self.loss_sum, self.targets, self.interval_s, self.interval_tokens = 0.0, 0, 0.0, 0
+        self.flops, self.data_s, self.norm_sum, self.norms = 0.0, 0.0, 0.0, 0
         self.start()
         return record
 
     def state_dict(self) -> dict:
         return {"loss_sum": float(self.loss_sum), "targets": self.targets, "skipped": self.skipped,
                 "bad_in_a_row": self.bad_in_a_row, "interval_s": self.interval_s, "elapsed_s": self.elapsed_s,
-                "interval_tokens": self.interval_tokens}
+                "interval_tokens": self.interval_tokens, "flops": self.flops, "data_s": self.data_s,
+                "norm_sum": float(self.norm_sum), "norms": self.norms}
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
+
+
+def peak_memory() -> int:
+    """Bytes: the GPU allocator's peak on GPU; on CPU this process's peak resident memory."""
+    import resource
+
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 @dataclass
@@ -220,9 +252,12 @@ class RunLog:
         step, elapsed = record["step"], record["elapsed_s"]
         eta = elapsed / step * (self.max_steps - step)  # resumed runs carry their elapsed time: an honest rate
         loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
+        norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.2f}"
         say(f"step {step}/{self.max_steps} | seq_len {record['seq_len']} | rows {record['rows']} | loss {loss} | "
-            f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
-            f"elapsed {timedelta(seconds=round(elapsed))} | ETA {timedelta(seconds=round(eta))}")
+            f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.3f} TFLOP/s | "
+            f"MFU {record['mfu']:.1%} | grad norm {norm} | data {record['data_wait']:.1%} | "
+            f"mem {record['peak_memory_gb']:.2f} GB | elapsed {timedelta(seconds=round(elapsed))} | "
+            f"ETA {timedelta(seconds=round(eta))}")
 
     def eval(self, record: dict) -> None:
         self._append("eval.jsonl", record)

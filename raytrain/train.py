@@ -23,7 +23,8 @@ def train_worker(payload: dict) -> None:
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
     log = RunLog(run_dir, cfg.train.max_steps) if rank == 0 else None
-    meter, checkpointer, lr_at = Meter(), Checkpointer(rank, log), lr_schedule(cfg.train)
+    flops_per_token, peak = model_flops(engine, cfg.scaling, log)
+    meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
     state = checkpointer.restore(engine, meter)
     evaluate = Evaluator(cfg, corpus, engine, rank, world, eot, log)
     state.last_eval = state.last_eval or evaluate(state)
@@ -32,8 +33,10 @@ def train_worker(payload: dict) -> None:
     while state.step < cfg.train.max_steps:
         step = plan(state.step)
         set_lr(engine, lr_at(state.step if cfg.train.lr_by == "steps" else state.tokens / cfg.train.tokens_per_step))
-        loss, finite = train_step(engine, step.rank_batches(corpus.train, rank), step.targets, world, eot)
-        meter.update(loss, finite, step.targets)
+        with meter.waiting_for_data():
+            batches = step.rank_batches(corpus.train, rank)
+        loss, finite, grad_norm = train_step(engine, batches, step.targets, world, eot)
+        meter.update(loss, finite, grad_norm, step.targets, step.targets * flops_per_token(step.length))
         state.step, state.tokens = state.step + 1, state.tokens + step.targets
         if not finite and log:
             say(non_finite_message(meter.bad_in_a_row, meter.skipped, step, loss))
@@ -67,6 +70,16 @@ class Evaluator:
         if self.log:
             self.log.eval({"step": state.step, "tokens": state.tokens, **results})
         return summarize_eval(results, self.cfg.lengths.max)
+
+
+def model_flops(engine, scaling, log):
+    """(training FLOPs per token at length L, one worker's peak FLOP/s) for the log line's TFLOP/s and MFU."""
+    from raytrain.model import matmul_weights, peak_flops, training_flops_per_token
+    weights = matmul_weights(engine.module)
+    peak, source = peak_flops(scaling.use_gpu, scaling.peak_tflops, scaling.cpus_per_worker)
+    if log:
+        say(f"MFU against {peak / 1e12:.3f} TFLOP/s per worker ({source})")
+    return (lambda length: training_flops_per_token(engine.module, length, weights)), peak
 
 
 def probe_memory(engine, rows: int, length: int, eot, log) -> None:

@@ -99,6 +99,19 @@ def test_loss_starts_near_uniform_and_falls(runs):
     assert evals[-1]["val/ppl@64"] == pytest.approx(torch.exp(torch.tensor(evals[-1]["val/loss@64"])).item())
 
 
+@pytest.mark.parametrize("name", ["zero1", "zero3", "one_worker"])
+def test_records_carry_model_tflops_mfu_grad_norm_and_memory(runs, name):
+    from raytrain.model import build_model, training_flops_per_token
+    cfg = load_config(str(runs / name / "config.yaml"), environment=False)
+    model = build_model(cfg.model, 257, 256)
+    previous = 0
+    for m in read_jsonl(runs / name / "metrics.jsonl"):  # log_every = 1: one step per record
+        flops = (m["tokens"] - previous) * training_flops_per_token(model, m["seq_len"])
+        previous = m["tokens"]
+        assert m["tflops"] == pytest.approx(flops / m["interval_s"] / 1e12, rel=1e-9)
+        assert m["mfu"] > 0 and m["grad_norm"] > 0 and 0 <= m["data_wait"] < 0.5 and m["peak_memory_gb"] > 0.1
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_zero_stages_match_step_for_step(runs, name):
     reference = read_jsonl(runs / "zero1" / "metrics.jsonl")
