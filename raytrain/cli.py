@@ -128,7 +128,8 @@ def evaluate_dir(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     batch_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
-    return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens, eot=eot)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.scaling.use_gpu)
+    return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens, eot=eot, bf16=bf16)
 
 
 def tune_reference() -> str:

@@ -76,6 +76,8 @@ class TrainConfig(Section):
     """Gradient norm clip (0 disables)."""
     max_nonfinite: int = Field(5, ge=1)
     """Non-finite step losses in a row that stop the run (each one's update is skipped and counted)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU. bf16: forward and backward under torch.autocast(bfloat16) on fp32 weights (bf16 matmuls and activations; fp32 master weights, gradient accumulation and gradient all-reduce at every ZeRO stage)."""
     micro_batch_tokens: Optional[int] = Field(None, ge=1)
     """Most tokens one worker runs per forward/backward (gradient accumulation); null runs its whole share at once."""
 

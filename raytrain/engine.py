@@ -12,8 +12,16 @@ from typing import Callable
 from raytrain.config import DeepSpeedConfig, TrainConfig
 
 
-def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, use_gpu: bool, world: int) -> dict:
-    """ZeRO stage, clipping, AdamW; bf16 on GPU, fp32 on CPU.
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, world: int) -> dict:
+    """ZeRO stage, clipping, AdamW, for an fp32 model at every precision.
+
+    bf16 (``train.precision``) is torch.autocast around the forward, not
+    DeepSpeed's bf16 mode: DeepSpeed's mode keeps bf16 weights and differs by
+    stage (ZeRO-0 can only accumulate and all-reduce gradients in bf16; ZeRO-1
+    with fp32 accumulation switches to its BF16_Optimizer; ZeRO-2 and 3 keep
+    bf16 gradient partitions), so the model a run exports would depend on the
+    stage. With an fp32 model DeepSpeed accumulates, reduces and updates in fp32
+    at every stage, and the weights it checkpoints are the weights it exports.
 
     Batch sizes vary per step (constant tokens, varying rows), so DeepSpeed's own
     batch bookkeeping is set to one row per rank and the loop marks the
@@ -28,7 +36,6 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, use_gpu: bool, wor
         # torch_adam: torch's AdamW, no JIT-compiled fused kernel to build on first run.
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": train.weight_decay, "torch_adam": True}},
-        "bf16": {"enabled": use_gpu},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

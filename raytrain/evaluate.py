@@ -12,7 +12,7 @@ from raytrain.loss import count_targets, window_loss
 
 @torch.no_grad()
 def evaluate(model, val: TokenStream, lengths: list[int], tokens: int, batch_tokens: int,
-             rank: int = 0, world: int = 1, eot: int | None = None) -> dict[str, float]:
+             rank: int = 0, world: int = 1, eot: int | None = None, bf16: bool = False) -> dict[str, float]:
     """``val/loss@L`` and ``val/ppl@L`` for each L; the windows are split across ranks, the sums all-reduced.
 
     ``batch_tokens`` bounds one forward pass (as ``train.micro_batch_tokens`` does);
@@ -29,7 +29,7 @@ def evaluate(model, val: TokenStream, lengths: list[int], tokens: int, batch_tok
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target count)
         for chunk in np.array_split(mine, chunks):
             windows = val.windows(chunk, length)
-            totals[0] += window_loss(model, torch.from_numpy(windows).to(device), eot).double()
+            totals[0] += window_loss(model, torch.from_numpy(windows).to(device), eot, bf16).double()
             totals[1] += count_targets(windows)
         if world > 1:
             torch.distributed.all_reduce(totals)

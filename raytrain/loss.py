@@ -40,18 +40,20 @@ def document_positions(inputs: torch.Tensor, eot: int) -> torch.Tensor:
     return index - torch.cummax(starts, dim=1).values
 
 
-def window_loss(model, windows: torch.Tensor, eot: int | None = None) -> torch.Tensor:
+def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False) -> torch.Tensor:
     """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
 
-    ``eot`` given: documents are kept apart (``document_positions``).
+    ``eot`` given: documents are kept apart (``document_positions``). ``bf16``:
+    the forward runs under ``torch.autocast`` (the loss itself is fp32).
     An empty batch (a rank with fewer rows than micro-batches) runs one
     zero-weighted row instead, so every rank makes the same collective calls:
     ZeRO-3 gathers parameters inside forward and backward.
     """
     if windows.shape[0] == 0:
         dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
-        return window_loss(model, dummy, eot) * 0.0
+        return window_loss(model, dummy, eot, bf16) * 0.0
     inputs, targets = split_window(windows)
     positions = None if eot is None else document_positions(inputs, eot)
-    logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
+    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
     return token_loss_sum(logits, targets)

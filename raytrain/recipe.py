@@ -81,7 +81,7 @@ class Planner:
         return max((size(length) for length in self.lengths.support()), key=lambda s: (s[0] * s[1], s[1]))
 
 
-def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot: Optional[int]):
+def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot: Optional[int], bf16: bool):
     """Forward and backward every micro-batch, then update unless the loss is non-finite.
 
     Returns the step's loss, summed over ranks and divided by the global step's
@@ -100,7 +100,7 @@ def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot:
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for i, batch in enumerate(batches):
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-        micro_sum = window_loss(engine, torch.from_numpy(batch).to(engine.device), eot)
+        micro_sum = window_loss(engine, torch.from_numpy(batch).to(engine.device), eot, bf16)
         engine.backward(micro_sum * (world / targets))
         loss_sum += micro_sum.detach().double()
     dist.all_reduce(loss_sum)

@@ -22,20 +22,21 @@ def train_worker(payload: dict) -> None:
     rank, world, engine, corpus = setup_worker(cfg, payload["corpus"])
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.scaling.use_gpu)
     log = RunLog(run_dir, cfg.train.max_steps) if rank == 0 else None
     flops_per_token, peak = model_flops(engine, cfg.scaling, log)
     meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
     state = checkpointer.restore(engine, meter)
-    evaluate = Evaluator(cfg, corpus, engine, rank, world, eot, log)
+    evaluate = Evaluator(cfg, corpus, engine, rank, world, eot, bf16, log)
     state.last_eval = state.last_eval or evaluate(state)
-    probe_memory(engine, *plan.largest_micro_batch(), eot, log)
+    probe_memory(engine, *plan.largest_micro_batch(), eot, bf16, log)
     meter.start()
     while state.step < cfg.train.max_steps:
         step = plan(state.step)
         set_lr(engine, lr_at(state.step if cfg.train.lr_by == "steps" else state.tokens / cfg.train.tokens_per_step))
         with meter.waiting_for_data():
             batches = step.rank_batches(corpus.train, rank)
-        loss, finite, grad_norm = train_step(engine, batches, step.targets, world, eot)
+        loss, finite, grad_norm = train_step(engine, batches, step.targets, world, eot, bf16)
         meter.update(loss, finite, grad_norm, step.targets, step.targets * flops_per_token(step.length))
         state.step, state.tokens = state.step + 1, state.tokens + step.targets
         if not finite and log:
@@ -58,15 +59,15 @@ def train_worker(payload: dict) -> None:
 class Evaluator:
     """Per-length validation of the engine's model at a loop state; rank 0 records it in eval.jsonl."""
 
-    def __init__(self, cfg: Config, corpus, engine, rank: int, world: int, eot, log):
-        self.cfg, self.corpus, self.engine, self.rank, self.world, self.eot, self.log = \
-            cfg, corpus, engine, rank, world, eot, log
+    def __init__(self, cfg: Config, corpus, engine, rank: int, world: int, eot, bf16: bool, log):
+        self.cfg, self.corpus, self.engine, self.rank, self.world, self.eot, self.bf16, self.log = \
+            cfg, corpus, engine, rank, world, eot, bf16, log
 
     def __call__(self, state) -> dict:
         from raytrain.evaluate import evaluate
         micro = self.cfg.train.micro_batch_tokens or self.cfg.train.tokens_per_step // self.world
         results = evaluate(self.engine, self.corpus.val, self.cfg.eval.lengths, self.cfg.eval.tokens, micro,
-                           self.rank, self.world, self.eot)
+                           self.rank, self.world, self.eot, self.bf16)
         if self.log:
             self.log.eval({"step": state.step, "tokens": state.tokens, **results})
         return summarize_eval(results, self.cfg.lengths.max)
@@ -82,7 +83,7 @@ def model_flops(engine, scaling, log):
     return (lambda length: training_flops_per_token(engine.module, length, weights)), peak
 
 
-def probe_memory(engine, rows: int, length: int, eot, log) -> None:
+def probe_memory(engine, rows: int, length: int, eot, bf16: bool, log) -> None:
     """Forward and backward the largest micro-batch any rank will run, before training, weighted by zero.
 
     An out-of-memory then shows at step 0, not hours in (Composer's and
@@ -99,7 +100,7 @@ def probe_memory(engine, rows: int, length: int, eot, log) -> None:
     if eot is not None:
         windows[:, length // 2] = eot
     engine.set_gradient_accumulation_boundary(False)
-    engine.backward(window_loss(engine, windows, eot) * 0.0)
+    engine.backward(window_loss(engine, windows, eot, bf16) * 0.0)
 
 
 def stop_run(run_dir: Path, log, meter: Meter, step) -> None:
@@ -139,7 +140,7 @@ def setup_worker(cfg: Config, corpus_dir: str):
     if not cfg.scaling.use_gpu:
         build_comm_op(say if rank == 0 else lambda line: None)
     model = build_model(cfg.model, corpus.index["vocab_size"], corpus.index["eot"])
-    engine = init_engine(model, deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.use_gpu, world))
+    engine = init_engine(model, deepspeed_config(cfg.deepspeed, cfg.train, world))
     say(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}, device {engine.device}, "
         f"ZeRO-{cfg.deepspeed.zero_stage}")
     return rank, world, engine, corpus

@@ -29,12 +29,12 @@ def overrides(model, data, tmp_path, *extra):
             "eval.lengths=[64]", "eval.every=12", "eval.tokens=1024", *extra]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_non_finite_steps_are_skipped_and_counted(ray_session, poisoned, tmp_path, stage):
+@pytest.mark.parametrize("precision,stage", [("fp32", 2), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)])
+def test_non_finite_steps_are_skipped_and_counted(ray_session, poisoned, tmp_path, precision, stage):
     from raytrain.train import fit
     data = corpus_file(tmp_path, None, poison_positions=[1500, 6100, 9000, 13000])
     cfg = load_config(None, overrides(poisoned, data, tmp_path, f"deepspeed.zero_stage={stage}",
-                                      "run.name=skip"))
+                                      f"train.precision={precision}", "run.name=skip"))
     # Independently: which steps feed '~' to the model (as an input, i.e. in the first L tokens of a window)?
     stream = open_prepared(cfg.data, cfg.tokenizer).train
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, stream.size, 1)
