@@ -54,7 +54,9 @@ def training_flops_per_token(model, length: int, weights: int | None = None) -> 
     return 3 * (2 * weights + 4 * layers * width * length)
 
 
-# bf16 dense tensor-core peaks from the vendors' datasheets, TFLOP/s per device; matched against the device name.
+# bf16 dense tensor-core peaks, TFLOP/s per device, matched against the device name: the vendors' datasheets,
+# except the A10G (AWS's part, for which NVIDIA publishes none: 70 is the figure commonly quoted, below the A10's
+# 125); scaling.peak_tflops overrides any of them.
 PEAK_TFLOPS = {"A10G": 70.0, "L4": 121.0, "L40S": 362.0, "A100": 312.0, "H100": 989.0, "H200": 989.0,
                "B200": 2250.0}
 

@@ -16,7 +16,8 @@ from tests.poison import corpus_file, poisoned_model
 from tests.test_training import read_jsonl
 
 pytestmark = pytest.mark.ray
-TIMING = {"tokens_per_s", "interval_s", "elapsed_s"}
+TIMING = {"tokens_per_s", "interval_s", "elapsed_s", "tflops", "mfu", "data_wait",  # time-based telemetry
+          "peak_memory_gb"}  # the process's own, which a restarted worker starts afresh
 STEPS = 24
 
 
