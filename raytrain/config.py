@@ -32,6 +32,8 @@ class ModelConfig(Section):
     """MLP width of the built-in model."""
     max_positions: int = Field(1024, ge=2)
     """Longest sequence the built-in model supports (RoPE max_position_embeddings)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward instead of keeping them (less memory, about a third more compute); built-in and pretrained models."""
 
 
 class DataConfig(Section):

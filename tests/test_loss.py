@@ -124,3 +124,26 @@ def test_weight_decay_only_on_linear_weight_matrices():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("norm" in names[id(p)] or "embed" in names[id(p)] for p in rest["params"])
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, pretrained):
+    from raytrain.config import load_config
+    from raytrain.model import build_model
+    keys = ["model.hidden_size=32", "model.num_layers=2", "model.intermediate_size=64"]
+    if pretrained:
+        build_model(load_config(None, keys, environment=False).model, 257, 256).save_pretrained(tmp_path)
+        keys = [f"model.pretrained={tmp_path}"]
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(load_config(None, keys + [f"model.activation_checkpointing={checkpointing}"],
+                                        environment=False).model, 257, 256)
+        assert model.is_gradient_checkpointing == checkpointing
+        model.train()
+        windows = torch.randint(0, 257, (3, 33), generator=torch.Generator().manual_seed(1))
+        loss = window_loss(model, windows, eot=256)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-6)
