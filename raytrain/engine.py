@@ -182,9 +182,9 @@ def build_comm_op(say=print) -> None:
     a torch lock file found while holding it belongs to a dead build: it is
     reported and removed.
     """
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
-    worker_env(False)
     root = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    worker_env(False)
     with open(root / ".raytrain-build.lock", "a+") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:

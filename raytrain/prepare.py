@@ -50,13 +50,6 @@ def corpus_key(data, files: list[tuple[str, int, int]], fingerprint: str) -> str
     }).encode()).hexdigest()[:20]
 
 
-def corpus_dir(data, tokenizer_spec: str) -> Path:
-    """Where the prepared corpus of this config lives (whether or not it is prepared yet)."""
-    tokenizer = load_tokenizer(tokenizer_spec)
-    key = corpus_key(data, list_files(data.path), tokenizer_fingerprint(tokenizer))
-    return Path(data.cache_dir).expanduser().absolute() / "tokens" / key
-
-
 def prepare(data, tokenizer_spec: str, say=print) -> Path:
     """Prepare the corpus of ``data`` (a DataConfig) unless it is already; return its directory.
 

@@ -180,7 +180,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     from ray.train.torch import TorchTrainer
 
     from raytrain.data import check_corpus, open_corpus
-    from raytrain.engine import build_comm_op, extensions_dir
+    from raytrain.engine import build_comm_op
     from raytrain.prepare import prepare
     from raytrain.tokenizer import load_tokenizer
 
@@ -203,8 +203,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
                                                      "val_tokens": corpus.val.size}))
     load_tokenizer(cfg.tokenizer).save_pretrained(run_dir / "tokenizer")  # the export's; workers never load one
     env = dict(runtime_env or {})
-    env["env_vars"] = {"DS_ACCELERATOR": accelerator, "TORCH_EXTENSIONS_DIR": str(extensions_dir()),
-                       **env.get("env_vars", {})}
+    env["env_vars"] = {"DS_ACCELERATOR": accelerator, **env.get("env_vars", {})}  # workers find the op themselves
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
