@@ -1,4 +1,4 @@
-"""``raytrain prepare | train | tune | eval | export | report``: parse, validate, hand off."""
+"""``raytrain prepare | train | plan | tune | eval | export | report``: parse, validate, hand off."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("-c", "--config", metavar="FILE", help="YAML config (only its data section and tokenizer "
                                                               "are read)")
     prep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=corpus/ tokenizer=DIR")
+
+    pl = commands.add_parser(
+        "plan", help="what a run will do and whether it fits in memory, before any GPU is rented",
+        description="Print the workers and their placement, rows and micro-batches per rank at the shortest and "
+                    "longest length, steps and tokens, the DeepSpeed config, the estimated memory per GPU against "
+                    "the GPU's, and the estimated wall time at --mfu. Exits 1 when the run cannot fit.")
+    pl.add_argument("-c", "--config", metavar="FILE", help="YAML config (paths on a cluster volume need not exist)")
+    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a key, as for train")
+    pl.add_argument("--gpu", metavar="NAME", help="GPU to plan for (A10G, L4, L40S, A100-40G, A100-80G, H100, H200, "
+                                                   "B200); default: accelerator_type:NAME in "
+                                                   "scaling.resources_per_worker")
+    pl.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilization for the time (default 0.35)")
+    pl.add_argument("--vocab", type=int, help="vocabulary size, when the tokenizer is not readable here")
 
     ev = commands.add_parser(
         "eval", help="validation loss/perplexity per length of an exported model directory",
@@ -79,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tune":
             from raytrain.tune import tune_main
             tune_main(args.config, args.overrides, resume=args.resume)
+        elif args.command == "plan":
+            from raytrain.plan import plan_main
+            return plan_main(load_config(args.config, args.overrides, environment=False), args.vocab, args.gpu,
+                             args.mfu)
         elif args.command == "export":
             from raytrain.engine import export_checkpoint
             checkpoint = Path(args.checkpoint)
@@ -128,7 +145,7 @@ def evaluate_dir(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     batch_tokens = cfg.train.micro_batch_tokens or cfg.train.tokens_per_step
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.scaling.use_gpu)
+    bf16 = cfg.bf16
     return evaluate(model, corpus.val, cfg.eval.lengths, cfg.eval.tokens, batch_tokens, eot=eot, bf16=bf16)
 
 

@@ -142,6 +142,11 @@ class Config(Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
 
+    @property
+    def bf16(self) -> bool:
+        """train.precision resolved: auto is bf16 on GPU, fp32 on CPU."""
+        return self.train.precision == "bf16" or (self.train.precision == "auto" and self.scaling.use_gpu)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -1,6 +1,7 @@
 """The causal LM: a tiny Llama (RoPE) built from a transformers config, or a local pretrained directory."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from raytrain.config import ModelConfig
@@ -65,11 +66,31 @@ def training_flops_per_token(model, length: int, weights: int | None = None) -> 
     return 3 * (2 * weights + 4 * layers * width * length)
 
 
-# bf16 dense tensor-core peaks, TFLOP/s per device, matched against the device name: the vendors' datasheets,
-# except the A10G (AWS's part, for which NVIDIA publishes none: 70 is the figure commonly quoted, below the A10's
-# 125); scaling.peak_tflops overrides any of them.
-PEAK_TFLOPS = {"A10G": 70.0, "L4": 121.0, "L40S": 362.0, "A100": 312.0, "H100": 989.0, "H200": 989.0,
-               "B200": 2250.0}
+@dataclass(frozen=True)
+class Accelerator:
+    """A GPU as Ray names it (``accelerator_type:NAME``): bf16 dense peak and memory per device."""
+    name: str
+    peak_tflops: float  # bf16 dense tensor-core peak
+    memory_gib: float  # total device memory as nvidia-smi reports it
+
+
+# Peaks from the vendors' datasheets, except the A10G (AWS's part, for which NVIDIA publishes none: 70 is the
+# figure commonly quoted for it, well below the A10's 125); scaling.peak_tflops overrides any of them. Longer
+# names first, so "A100-80G" matches before "A100" (a bare "A100" is taken as the 40 GB part: the safe side).
+ACCELERATORS = {a.name: a for a in [
+    Accelerator("A100-80G", 312.0, 80.0), Accelerator("A100-40G", 312.0, 40.0), Accelerator("A100", 312.0, 40.0),
+    Accelerator("A10G", 70.0, 22.5), Accelerator("L40S", 362.0, 45.0), Accelerator("L4", 121.0, 22.5),
+    Accelerator("H100", 989.0, 79.6), Accelerator("H200", 989.0, 140.4), Accelerator("B200", 2250.0, 179.1)]}
+
+
+def find_accelerator(name: str) -> Accelerator | None:
+    """The table entry a device or Ray accelerator-type name refers to ("NVIDIA A10G", "A100-SXM4-80GB")."""
+    squeezed = name.replace(" ", "").upper().replace("80GB", "80G").replace("40GB", "40G")
+    for key, accelerator in ACCELERATORS.items():
+        parts = key.split("-")
+        if parts[0] in squeezed and all(p in squeezed for p in parts[1:]):
+            return accelerator
+    return None
 
 
 def peak_flops(use_gpu: bool, override_tflops: float | None, threads: int) -> tuple[float, str]:
@@ -81,9 +102,9 @@ def peak_flops(use_gpu: bool, override_tflops: float | None, threads: int) -> tu
         return override_tflops * 1e12, "scaling.peak_tflops"
     if use_gpu:
         name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name.replace(" ", ""):
-                return tflops * 1e12, f"{key} bf16 datasheet"
+        accelerator = find_accelerator(name)
+        if accelerator:
+            return accelerator.peak_tflops * 1e12, f"{accelerator.name} bf16 datasheet"
         return float("nan"), f"unknown device {name!r}: set scaling.peak_tflops"
     a, b = torch.randn(512, 512), torch.randn(512, 512)  # CPU: what a fp32 matmul reaches on these threads
     torch.mm(a, b)

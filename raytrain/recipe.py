@@ -56,6 +56,24 @@ class StepPlan:
         return np.array_split(stream.windows(self.share(rank), self.length), self.micro_batches)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """One step at length L: global rows, each rank's largest share, micro-batches per rank, rows per micro-batch."""
+    length: int
+    rows: int
+    rank_rows: int
+    micro_batches: int
+    micro_rows: int
+
+
+def step_shape(length: int, tokens_per_step: int, micro_batch_tokens: Optional[int], world: int) -> Shape:
+    """How a step at length L splits: nothing padded, the same micro-batch count on every rank."""
+    rows = tokens_per_step // length
+    rank_rows = -(-rows // world)
+    count = micro_batches(rows, world, max(1, (micro_batch_tokens or tokens_per_step) // length))
+    return Shape(length, rows, rank_rows, count, -(-rank_rows // count))
+
+
 class Planner:
     """``plan(step) -> StepPlan`` for the lengths and train sections, ``data.windows`` and the seed."""
 
@@ -74,11 +92,9 @@ class Planner:
 
     def largest_micro_batch(self) -> tuple[int, int]:
         """(rows, L) of the largest micro-batch any rank runs at any length the schedule may draw."""
-        def size(length: int) -> tuple[int, int]:
-            rows = self.tokens_per_step // length
-            most = -(-rows // self.world)  # the largest rank share
-            return -(-most // micro_batches(rows, self.world, max(1, self.micro_tokens // length))), length
-        return max((size(length) for length in self.lengths.support()), key=lambda s: (s[0] * s[1], s[1]))
+        shapes = [step_shape(L, self.tokens_per_step, self.micro_tokens, self.world) for L in self.lengths.support()]
+        largest = max(shapes, key=lambda s: (s.micro_rows * s.length, s.length))
+        return largest.micro_rows, largest.length
 
 
 def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot: Optional[int], bf16: bool):
@@ -184,14 +200,26 @@ class Meter:
         self.__dict__.update(state)
 
 
+_RESIDENT_BEFORE_MODEL = 0
+
+
+def mark_memory_baseline() -> None:
+    """On CPU, remember this process's resident memory before the model is built (Python, torch, Ray, the
+    communication op), so the peak below counts what training allocates, as a GPU allocator's peak does."""
+    import psutil
+    global _RESIDENT_BEFORE_MODEL
+    _RESIDENT_BEFORE_MODEL = psutil.Process().memory_info().rss
+
+
 def peak_memory() -> int:
-    """Bytes: the GPU allocator's peak on GPU; on CPU this process's peak resident memory."""
+    """Bytes: the GPU allocator's peak on GPU; on CPU this process's peak resident memory above the baseline
+    marked before the model was built."""
     import resource
 
     import torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - _RESIDENT_BEFORE_MODEL  # Linux: KiB
 
 
 @dataclass

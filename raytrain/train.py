@@ -22,7 +22,7 @@ def train_worker(payload: dict) -> None:
     rank, world, engine, corpus = setup_worker(cfg, payload["corpus"])
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.scaling.use_gpu)
+    bf16 = cfg.bf16
     log = RunLog(run_dir, cfg.train.max_steps) if rank == 0 else None
     flops_per_token, peak = model_flops(engine, cfg.scaling, log)
     meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
@@ -131,6 +131,7 @@ def setup_worker(cfg: Config, corpus_dir: str):
 
     from raytrain.data import open_corpus
     from raytrain.model import build_model
+    from raytrain.recipe import mark_memory_baseline
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     normal_priority()
@@ -139,6 +140,7 @@ def setup_worker(cfg: Config, corpus_dir: str):
     corpus = open_corpus(Path(corpus_dir), cfg.data.cache_dir)
     if not cfg.scaling.use_gpu:
         build_comm_op(say if rank == 0 else lambda line: None)
+    mark_memory_baseline()
     model = build_model(cfg.model, corpus.index["vocab_size"], corpus.index["eot"])
     engine = init_engine(model, deepspeed_config(cfg.deepspeed, cfg.train, world))
     say(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}, device {engine.device}, "
