@@ -196,11 +196,13 @@ def trial_overrides(params: dict) -> list[str]:
 
 
 def trial_problem(spec: TuneSpec, base_path: Optional[str], params: dict) -> Optional[str]:
+    """Why a candidate cannot run: an invalid config, or a plan that does not fit in memory (``raytrain plan``)."""
+    from raytrain.plan import fit_problem
     try:
-        trial_config(spec, base_path, params, "check", "/tmp")
+        cfg = trial_config(spec, base_path, params, "check", "/tmp")
     except ConfigError as err:
         return "; ".join(f"{k} = {v!r}: {fix}" for k, v, fix in err.problems)
-    return None
+    return fit_problem(cfg)
 
 
 def trial_config(spec: TuneSpec, base_path: Optional[str], params: dict, name: str, runs_dir: str) -> Config:
@@ -274,11 +276,18 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
 
 
 def concurrency(base: Config) -> int:
+    """Trials that can run at once: from what the cluster can grow to (the autoscaler's node types, as Ray
+    Train itself reads them), not only from what is up now; a cluster scaling from zero GPU nodes counts."""
     import ray
-    resources = ray.cluster_resources()
-    if base.scaling.use_gpu:
-        return max(1, int(resources.get("GPU", 1)) // base.scaling.num_workers)
-    return max(1, int(resources.get("CPU", 1)) // (base.scaling.num_workers * base.scaling.cpus_per_worker))
+    from ray._private.state import state
+    return trials_that_fit(base.scaling, ray.cluster_resources(), state.get_max_resources_from_cluster_config())
+
+
+def trials_that_fit(scaling, now: dict, most: Optional[dict]) -> int:
+    need = {"GPU": scaling.num_workers} if scaling.use_gpu else {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    (name, per_trial), = need.items()
+    available = max(now.get(name, 0), (most or {}).get(name, 0))
+    return max(1, int(available // per_trial))
 
 
 def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Path, total: Optional[int]):

@@ -28,3 +28,8 @@ def ray_session():
 def tokenizer():
     from raytrain.tokenizer import byte_tokenizer
     return byte_tokenizer()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start and stop a Ray of their own (``own_ray``) run before any test starts the shared one."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)

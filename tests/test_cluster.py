@@ -14,37 +14,169 @@ from tests.test_training import TINY, read_jsonl
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
 
-@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
-def test_launcher_yaml_passes_rays_own_schema(path):
-    config = yaml.safe_load(path.read_text())
-    if config.get("kind") == "RayJob":
-        pytest.skip("KubeRay manifest: checked below")
+ROOT = CLUSTER.parent
+LAUNCHER, MANIFEST = CLUSTER / "aws-gpu.yaml", CLUSTER / "kuberay-rayjob.yaml"
+
+
+def rayjob(text: str) -> dict:
+    return next(doc for doc in yaml.safe_load_all(text) if doc["kind"] == "RayJob")
+
+
+def pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_dockerfile_base_is_rays_gpu_image_at_the_pinned_ray_on_a_python_every_pin_supports():
+    from importlib.metadata import PackageNotFoundError, metadata, version
+
+    from packaging.specifiers import SpecifierSet
+    base = next(line.split()[1] for line in (CLUSTER / "Dockerfile").read_text().splitlines()
+                if line.startswith("FROM "))
+    image, tag = base.split(":")
+    ray_version, python, flavour = tag.split("-")
+    assert image == "rayproject/ray" and flavour == "gpu"
+    assert ray_version == pins()["ray"] == version("ray")
+    python = f"{python[2]}.{python[3:]}"  # py311 -> 3.11
+    needs = {}
+    for name in pins():
+        try:
+            needs[name] = SpecifierSet(metadata(name).get("Requires-Python") or "")
+        except PackageNotFoundError:
+            continue
+    assert len(needs) > 50
+    refused = {name: str(spec) for name, spec in needs.items() if not spec.contains(python)}
+    assert not refused, f"the image's Python {python} is refused by {refused}"
+    # pyproject's requires-python says what the pins need: its lowest version passes every pin, the one below not
+    import tomllib
+    declared = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert declared.contains("3.11") and not declared.contains("3.10")
+    assert all(spec.contains("3.11") for spec in needs.values())
+    assert any(not spec.contains("3.10") for spec in needs.values())
+
+
+def test_launcher_and_manifest_run_the_one_image():
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    job = rayjob(MANIFEST.read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    images = {c["image"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {launcher["docker"]["image"]}
+    assert "cluster/Dockerfile" in LAUNCHER.read_text() and "cluster/Dockerfile" in MANIFEST.read_text()
+    assert cluster["rayVersion"] == pins()["ray"]
+
+
+def test_launcher_yaml_passes_rays_own_schema_and_opens_only_ssh():
     from ray.autoscaler._private.util import prepare_config, validate_config
+    config = yaml.safe_load(LAUNCHER.read_text())
     prepared = prepare_config(config)
     validate_config(prepared)
-    gpu_types = [t for t in prepared["available_node_types"].values() if t["resources"].get("GPU")]
+    types = prepared["available_node_types"]
+    gpu_types = [t for t in types.values() if t["resources"].get("GPU")]
     assert gpu_types and all(t["max_workers"] >= 1 for t in gpu_types)
-    assert prepared["available_node_types"][prepared["head_node_type"]]["resources"].get("GPU", 0) == 0
-    text = path.read_text()
-    assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0/0\n" not in text.replace("never 0.0.0.0/0", "")
-    assert "constraints.txt" in text  # installs the pinned versions
+    assert types[prepared["head_node_type"]]["resources"].get("GPU", 0) == 0
+    # Ray adds SSH from 0.0.0.0/0 to a security group it creates (ray.autoscaler._private.aws.config), so the
+    # file names a pre-created group on every node type and asks Ray to create none.
+    assert "security_group" not in prepared["provider"]
+    assert all(t["node_config"]["SecurityGroupIds"] for t in types.values())
+    text = LAUNCHER.read_text()
+    assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0/0\n" not in text
+    mount = " ".join(prepared["initialization_commands"])
+    assert "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport" in mount
+    options = " ".join(prepared["docker"]["run_options"])
+    assert "-v /mnt/shared:/mnt/shared" in options and "NCCL_SOCKET_IFNAME" in options
+    assert prepared["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "RAY_AUTH_MODE=token" in (CLUSTER / "Dockerfile").read_text()
 
 
-def test_kuberay_manifest_runs_a_real_raytrain_config():
-    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+def test_kuberay_manifest_defines_its_volume_and_runs_a_real_raytrain_config():
+    docs = list(yaml.safe_load_all(MANIFEST.read_text()))
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = rayjob(MANIFEST.read_text())
     spec = job["spec"]
     head = spec["rayClusterSpec"]["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    assert head["template"]["spec"]["containers"][0]["image"]
-    workers = spec["rayClusterSpec"]["workerGroupSpecs"]
-    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for g in workers
-            for c in g["template"]["spec"]["containers"]]
-    assert gpus and min(gpus) >= 1 and all(g["groupName"] and g["replicas"] >= 1 for g in workers)
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1" and head["rayStartParams"]["num-cpus"] == "0"
+    groups = [head] + spec["rayClusterSpec"]["workerGroupSpecs"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for g in groups for v in g["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {claim["metadata"]["name"]}
+    for group in groups:  # every pod has the token, from the Secret the README creates
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raytrain-ray-token"
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:  # room for Ray's own processes beside the workers
+        limit = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        assert int(group["rayStartParams"]["num-cpus"]) <= limit - 4
     command = spec["entrypoint"].split()
     assert command[:3] == ["raytrain", "train", "-c"]
     shipped = CLUSTER / "configs" / Path(command[3]).name
-    assert command[3].endswith(f"cluster/configs/{shipped.name}") and shipped.is_file()
+    assert command[3] == f"/opt/raytrain/cluster/configs/{shipped.name}" and shipped.is_file()
+    assert "COPY cluster ./cluster" in (CLUSTER / "Dockerfile").read_text() and "WORKDIR /opt/raytrain" in \
+        (CLUSTER / "Dockerfile").read_text()
+
+
+def readme_job_lines() -> list[str]:
+    text = (CLUSTER / "README.md").read_text()
+    block = text.split("<!-- job-check")[1].split("```bash\n")[1].split("```")[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.own_ray
+def test_readme_job_command_trains_on_a_token_authenticated_head(tmp_path):
+    """cluster/README.md's lines as written: a token, a `ray start --head` with token authentication, the
+    `ray job submit` of a short run, `ray stop`. Runs before any other Ray instance (conftest orders it first)
+    because `ray stop` stops every Ray on the machine."""
+    import psutil
+    assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")], \
+        "another Ray instance is running; this test runs `ray stop` as the README does"
+    lines = readme_job_lines()
+    assert lines[0] == "ray get-auth-token --generate" and lines[-1] == "ray stop"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    done = []
+    try:
+        for line in lines[:-1]:
+            done.append(subprocess.run(line, shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=600))
+            assert done[-1].returncode == 0, f"{line}\n{done[-1].stdout[-3000:]}\n{done[-1].stderr[-3000:]}"
+        # without the token mode the same client is refused: the README's warning is real
+        refused = subprocess.run("ray job list --address http://127.0.0.1:8265", shell=True, cwd=ROOT,
+                                 env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+    finally:
+        subprocess.run(lines[-1], shell=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert (tmp_path / ".ray" / "auth_token").is_file()
+    run = tmp_path / "raytrain-runs" / "first-job"
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert metrics[-1]["step"] == 20 and metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "config.json").is_file()
+
+
+def place(manifest_text: str, tmp_path) -> dict:
+    """tests/placement.py in its own process: it starts a simulated Ray cluster of the manifest's pods."""
+    path = tmp_path / "manifest.yaml"
+    path.write_text(manifest_text)
+    done = subprocess.run([sys.executable, "-m", "tests.placement", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_rayjob_workers_fit_its_pods_and_too_few_cpus_do_not(tmp_path):
+    """Ray's own scheduler places the job's 8 training bundles (the config's ScalingConfig) on the 2 declared
+    pods; with the pods cut to 16 CPUs (Ray offers the limit when num-cpus is not given) it cannot."""
+    result = place(MANIFEST.read_text(), tmp_path)
+    assert result["placed"] and len(result["bundles"]) == 8 and len(result["nodes"]) == 2
+    docs = list(yaml.safe_load_all(MANIFEST.read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    group["rayStartParams"].pop("num-cpus")
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    resources["limits"]["cpu"] = resources["requests"]["cpu"] = "16"
+    result = place(yaml.safe_dump_all(docs), tmp_path)
+    assert not result["placed"] and result["nodes"][0]["num_cpus"] == 16
 
 
 @pytest.mark.parametrize("path", sorted((CLUSTER / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,0 +1,87 @@
+"""raytrain plan: the shipped GPU configs fit, what cannot fit is refused with its numbers, the estimate
+matches a real run's measured peak, and raytrain tune plans its candidates and sizes its concurrency."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytrain.config import load_config
+from raytrain.plan import GiB, model_state_bytes, plan_run
+from raytrain.recipe import step_shape
+from tests.test_training import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_CONFIGS = sorted((ROOT / "cluster" / "configs").glob("*.yaml"))
+
+
+def plan_cli(*args):
+    return subprocess.run([sys.executable, "-m", "raytrain.cli", "plan", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_gpu_config_plans_and_fits(path):
+    done = plan_cli("-c", str(path), "--vocab", "50257")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    cfg = load_config(str(path), environment=False)
+    assert f"workers: {cfg.scaling.num_workers} x (8 CPU, 1 GPU (A10G)), placement PACK" in out
+    assert f"shortest L={cfg.lengths.min}:" in out and f"longest L={cfg.lengths.max}:" in out
+    assert f"'zero_optimization': {{'stage': {cfg.deepspeed.zero_stage}}}" in out
+    assert "fits: A10G has 22.5 GiB (90% usable): 20.2 GiB" in out and " h (" in out
+
+
+def test_a_config_that_cannot_fit_is_refused_with_memory_needed_and_available():
+    done = plan_cli("-c", str(ROOT / "cluster/configs/gpu-350m-zero3.yaml"), "--vocab", "50257",
+                    "deepspeed.zero_stage=0", "train.micro_batch_tokens=16384")
+    assert done.returncode == 1
+    refusal = done.stdout.strip().splitlines()[-1]
+    assert refusal.startswith("raytrain plan: does not fit: needs ") and "A10G has 22.5 GiB" in refusal
+    needed = float(refusal.split("needs ")[1].split(" GiB")[0])
+    assert needed > 20.2 and "model states 5.4" in refusal  # 16 bytes x 360M parameters at ZeRO-0
+
+
+def test_model_states_follow_deepspeeds_estimators_with_fp32_weights():
+    """Independent arithmetic: fp32 weights (4) + fp32 gradients (4) + fp32 master copy (4) + Adam (8)."""
+    P, N, largest = 124_000_000, 8, 38_000_000
+    assert model_state_bytes(0, P, largest, N) == 16 * P
+    assert model_state_bytes(1, P, largest, N) == pytest.approx(4 * P + 4 * P + 12 * P / N, rel=1e-6)
+    assert model_state_bytes(2, P, largest, N) == pytest.approx(4 * P + 16 * P / N, rel=1e-6)
+    assert model_state_bytes(3, P, largest, N) == pytest.approx(4 * largest + 20 * P / N, rel=1e-6)
+
+
+def test_step_shapes_split_like_the_loop():
+    shape = step_shape(248, 8192, None, 2)  # 33 rows over 2 ranks: 17 and 16
+    assert (shape.rows, shape.rank_rows, shape.micro_batches, shape.micro_rows) == (33, 17, 1, 17)
+    shape = step_shape(2048, 524288, 16384, 8)  # 256 rows, 32 per rank, 8 rows per 16K-token micro-batch
+    assert (shape.rows, shape.rank_rows, shape.micro_batches, shape.micro_rows) == (256, 32, 4, 8)
+
+
+def test_tune_skips_a_candidate_that_cannot_fit_and_counts_what_the_cluster_can_grow_to(tmp_path):
+    from raytrain.tune import _base_path, candidates, load_spec, trials_that_fit
+    from tests.test_tune import write_spec
+    path = write_spec(tmp_path, search={"model.hidden_size": {"grid": [32, 32768]}}, num_samples=1)
+    trials, notes = candidates(load_spec(path), _base_path(load_spec(path), path))
+    assert trials == [{"model.hidden_size": 32}]
+    assert len(notes) == 1 and "does not fit: needs" in notes[0] and "this machine's memory per rank" in notes[0]
+    gpu = load_config(str(GPU_CONFIGS[0]), environment=False).scaling  # 8 GPUs per trial
+    assert trials_that_fit(gpu, {"CPU": 8}, {"GPU": 16, "CPU": 192}) == 2  # scaled to zero, grows to 4 x 4 GPUs
+    assert trials_that_fit(gpu, {"GPU": 8}, None) == 1  # no autoscaler: what is up now
+    cpu = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1"], environment=False).scaling
+    assert trials_that_fit(cpu, {"CPU": 2}, None) == 1
+
+
+@pytest.mark.ray
+def test_memory_estimate_is_within_30_percent_of_a_real_runs_peak(ray_session, cache_dir, tmp_path):
+    """The built-in model, 2 workers, ZeRO-1: the plan against rank 0's measured peak. glibc keeps freed
+    blocks cached, so resident memory overstates live memory on CPU; the workers return large blocks to the
+    OS at free (MALLOC_MMAP_THRESHOLD_) so that their peak is what training holds."""
+    from raytrain.train import fit
+    cfg = load_config(None, [f"data.cache_dir={cache_dir}", f"run.dir={tmp_path}", "run.name=mem",
+                             "train.max_steps=12", "train.log_every=4", "eval.every=12", "run.checkpoint_every=12"])
+    estimate = plan_run(cfg, with_time=False).memory.total
+    fit(cfg, runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": "65536"}})
+    measured = max(m["peak_memory_gb"] for m in read_jsonl(tmp_path / "mem" / "metrics.jsonl")) * GiB
+    assert estimate == pytest.approx(measured, rel=0.3), (estimate / GiB, measured / GiB)
