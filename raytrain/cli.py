@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tokens", type=int, help="target tokens per length (default: the run's eval.tokens)")
 
     rep = commands.add_parser(
-        "report", help="plots (loss.png, lengths.png, eval.png) and the per-length table of a run",
-        description="Write loss against tokens, the length of every step (and their histogram), and "
-                    "validation loss against evaluation length into RUN_DIR as PNG; print the per-length table.")
+        "report", help="plots (loss.png, lengths.png, eval.png, positions.png) and the per-length table of a run",
+        description="Write loss against tokens, the length of every step (and their histogram), validation loss "
+                    "against evaluation length, and the final validation loss by token position into RUN_DIR as "
+                    "PNG; print the per-length table. Several runs: also positions.png comparing them (--out).")
     rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.add_argument("more_runs", nargs="*", metavar="RUN_DIR", help="more runs to compare by token position")
+    rep.add_argument("--out", metavar="PNG", help="where the comparison goes (default: RUN_DIR/positions-compared.png)")
 
     tun = commands.add_parser(
         "tune", help="Ray Tune search over length ranges, schedules and any training key",
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             print(table(read_jsonl(run_dir / "eval.jsonl")))
             for path in write_report(run_dir):
                 print(f"wrote {path}")
+            if args.more_runs:
+                from raytrain.report import plot_positions
+                out = Path(args.out or run_dir / "positions-compared.png")
+                print(f"wrote {plot_positions([run_dir, *map(Path, args.more_runs)], out)}")
     except ConfigError as err:
         print(f"raytrain: {err}", file=sys.stderr)
         return 2

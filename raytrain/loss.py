@@ -40,11 +40,22 @@ def document_positions(inputs: torch.Tensor, eot: int) -> torch.Tensor:
     return index - torch.cummax(starts, dim=1).values
 
 
-def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False) -> torch.Tensor:
-    """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
+def window_logits(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False):
+    """(logits (B, L, V), targets (B, L)) of ``model`` on (B, L+1) windows.
 
     ``eot`` given: documents are kept apart (``document_positions``). ``bf16``:
     the forward runs under ``torch.autocast`` (the loss itself is fp32).
+    """
+    inputs, targets = split_window(windows)
+    positions = None if eot is None else document_positions(inputs, eot)
+    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
+    return logits, targets
+
+
+def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False) -> torch.Tensor:
+    """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
+
     An empty batch (a rank with fewer rows than micro-batches) runs one
     zero-weighted row instead, so every rank makes the same collective calls:
     ZeRO-3 gathers parameters inside forward and backward.
@@ -52,8 +63,26 @@ def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool
     if windows.shape[0] == 0:
         dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
         return window_loss(model, dummy, eot, bf16) * 0.0
-    inputs, targets = split_window(windows)
-    positions = None if eot is None else document_positions(inputs, eot)
-    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
-    return token_loss_sum(logits, targets)
+    return token_loss_sum(*window_logits(model, windows, eot, bf16))
+
+
+def position_loss_sums(model, windows: torch.Tensor, eot: int | None = None,
+                       bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, target count) per position 0..L-1 of the windows, summed over rows (evaluation)."""
+    length = windows.shape[1] - 1
+    if windows.shape[0] == 0:
+        dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
+        sums, _ = position_loss_sums(model, dummy, eot, bf16)
+        return sums * 0.0, torch.zeros(length, dtype=torch.float64, device=windows.device)
+    logits, targets = window_logits(model, windows, eot, bf16)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.double().sum(0), (targets != IGNORE_INDEX).double().sum(0)
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """Position 0, 1, 2-3, 4-7, ... up to length - 1 (the last bucket cut at the window's end)."""
+    buckets, start = [(0, 0)], 1
+    while start < length:
+        buckets.append((start, min(2 * start, length) - 1))
+        start *= 2
+    return buckets

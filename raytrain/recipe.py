@@ -289,7 +289,8 @@ class RunLog:
 
     def eval(self, record: dict) -> None:
         self._append("eval.jsonl", record)
-        losses = "  ".join(f"{k.split('@')[1]}: {v:.4f}" for k, v in record.items() if k.startswith("val/loss@"))
+        from raytrain.evaluate import length_losses
+        losses = "  ".join(f"{length}: {loss:.4f}" for length, loss in length_losses(record).items())
         say(f"eval step {record['step']} | val loss by length  {losses}")
 
     def truncate_after(self, step: int) -> None:
@@ -307,7 +308,8 @@ class RunLog:
 
 def summarize_eval(results: dict, longest_trained: int) -> dict:
     """Adds val/loss@max (at lengths.max, when evaluated) and val/loss@mean (over eval lengths): Tune objectives."""
-    losses = {k: v for k, v in results.items() if k.startswith("val/loss@")}
+    from raytrain.evaluate import length_losses
+    losses = length_losses(results)
     summary = dict(results, **{"val/loss@mean": sum(losses.values()) / len(losses)})
     if f"val/loss@{longest_trained}" in results:
         summary["val/loss@max"] = results[f"val/loss@{longest_trained}"]

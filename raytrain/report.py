@@ -4,18 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raytrain.evaluate import length_losses, position_losses
+
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def eval_lengths(record: dict) -> list[int]:
-    return sorted(int(key.split("@")[1]) for key in record if key.startswith("val/loss@"))
-
-
 def table(evals: list[dict]) -> str:
     """Markdown table: one row per evaluation, one column per eval length."""
-    lengths = eval_lengths(evals[0])
+    lengths = list(length_losses(evals[0]))
     lines = ["| step | tokens | " + " | ".join(f"val/loss@{L}" for L in lengths) + " |",
              "|---:|---:|" + "---:|" * len(lengths)]
     for e in evals:
@@ -45,7 +43,7 @@ def write_report(run_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([m["tokens"] for m in metrics], [m["loss"] for m in metrics], label="train (per log interval)")
-    for L in eval_lengths(evals[0]):
+    for L in length_losses(evals[0]):
         ax.plot([e["tokens"] for e in evals], [e[f"val/loss@{L}"] for e in evals], "o--", label=f"val @ {L}")
     ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title=f"{run_dir.name}: loss")
     ax.legend()
@@ -61,11 +59,33 @@ def write_report(run_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for e in evals:
-        ax.plot(eval_lengths(e), [e[f"val/loss@{L}"] for L in eval_lengths(e)], "o-", label=f"step {e['step']}")
+        ax.plot(list(length_losses(e)), list(length_losses(e).values()), "o-", label=f"step {e['step']}")
     ax.set(xscale="log", xlabel="evaluation length", ylabel="validation loss", title="loss by evaluation length")
     ax.legend()
     written.append(_save(fig, run_dir / "eval.png"))
+    written.append(plot_positions([run_dir], run_dir / "positions.png"))
     return written
+
+
+def plot_positions(run_dirs: list[Path], path: Path) -> Path:
+    """Final validation loss by token position (buckets 0, 1, 2-3, ...): one curve per run and length.
+
+    A model that ignores its context gives a flat curve; one that uses it keeps falling with position.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run_dir in run_dirs:
+        final = read_jsonl(Path(run_dir) / "eval.jsonl")[-1]
+        for length in length_losses(final):
+            buckets = position_losses(final, length)
+            ax.plot([(a + b) / 2 + 1 for a, b, _ in buckets], [loss for *_, loss in buckets], "o-", markersize=3,
+                    label=f"{Path(run_dir).name} @ {length}" if len(run_dirs) > 1 else f"L = {length}")
+    ax.set(xscale="log", xlabel="token position in the window (bucket middle, 1-based)",
+           ylabel="validation loss", title="final validation loss by token position")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

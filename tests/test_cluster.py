@@ -151,6 +151,9 @@ def test_readme_job_command_trains_on_a_token_authenticated_head(tmp_path):
     run = tmp_path / "raytrain-runs" / "first-job"
     metrics = read_jsonl(run / "metrics.jsonl")
     assert metrics[-1]["step"] == 20 and metrics[-1]["loss"] < metrics[0]["loss"]
+    # the built-in model after 20 steps already uses context: later positions are predicted better than the first
+    final = read_jsonl(run / "eval.jsonl")[-1]
+    assert final["val/loss@256/pos128-255"] < final["val/loss@256/pos0-0"] - 0.1
     assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "config.json").is_file()
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raytrain.data import TokenStream, random_offsets
@@ -149,3 +150,54 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, pr
         results.append((loss.detach(), grads(model)))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-6)
+
+
+def _model(layers: int):
+    from raytrain.config import ModelConfig
+    from raytrain.model import tiny_llama
+    torch.manual_seed(0)
+    config = tiny_llama(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 257, 256)
+    config.num_hidden_layers = layers  # 0: embedding, final norm and head only
+    return LlamaForCausalLM(config)
+
+
+def test_position_buckets_are_powers_of_two_cut_at_the_window():
+    from raytrain.loss import position_buckets
+    assert position_buckets(100) == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 99)]
+    assert position_buckets(512)[-1] == (256, 511) and position_buckets(1) == [(0, 0)]
+
+
+@pytest.mark.parametrize("eot", [None, 256])
+def test_position_buckets_sum_back_to_the_overall_loss_and_match_an_independent_count(eot):
+    """Token-weighted, the buckets give val/loss@L (1e-6); each bucket equals cross-entropy computed directly
+    on the same windows at those positions."""
+    from raytrain.data import TokenStream, eval_offsets
+    from raytrain.evaluate import evaluate, position_losses
+    stream = TokenStream([np.random.RandomState(1).randint(0, 257, size=5000)])
+    model = _model(2)
+    results = evaluate(model, stream, [100, 64], tokens=1600, batch_tokens=300, eot=eot)
+    for length in (100, 64):
+        buckets = position_losses(results, length)
+        weighted = sum((b - a + 1) * loss for a, b, loss in buckets) / length  # every position has every row
+        assert weighted == pytest.approx(results[f"val/loss@{length}"], rel=1e-6)
+        windows = torch.from_numpy(stream.windows(eval_offsets(stream.size, length, 1600), length))
+        with torch.no_grad():
+            from raytrain.loss import window_logits
+            logits, targets = window_logits(model, windows, eot)
+            each = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (rows, L)
+        for a, b, loss in buckets:
+            assert loss == pytest.approx(each[:, a:b + 1].mean().item(), rel=1e-5)
+
+
+def test_a_model_that_ignores_context_has_equal_losses_in_every_bucket():
+    """Zero transformer blocks: the logits at a position depend on that token alone. On a stream of one token
+    repeated, every position sees the same input and target, so every bucket has the same loss."""
+    from raytrain.data import TokenStream
+    from raytrain.evaluate import evaluate, position_losses
+    results = evaluate(_model(0), TokenStream([np.full(3000, 97)]), [128], tokens=1024, batch_tokens=512)
+    losses = [loss for *_, loss in position_losses(results, 128)]
+    assert len(losses) == 8 and losses == pytest.approx([results["val/loss@128"]] * 8, rel=1e-6)
+    # the same model with attention on a real stream does not: the buckets differ
+    stream = TokenStream([np.random.RandomState(2).randint(0, 257, size=3000)])
+    mixed = [loss for *_, loss in position_losses(evaluate(_model(2), stream, [128], 1024, 512), 128)]
+    assert max(mixed) - min(mixed) > 1e-4

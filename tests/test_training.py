@@ -169,8 +169,13 @@ def test_report_writes_plots_and_prints_the_table(runs, capsys):
     assert "| step | tokens | val/loss@64 | val/loss@256 |" in out
     final = read_jsonl(runs / "zero1" / "eval.jsonl")[-1]
     assert f"| 6 | {final['tokens']:,} | {final['val/loss@64']:.4f} | {final['val/loss@256']:.4f} |" in out
-    for name in ("loss.png", "lengths.png", "eval.png"):
+    for name in ("loss.png", "lengths.png", "eval.png", "positions.png"):
         assert (runs / "zero1" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(k for k in final if k.startswith("val/loss@256/")) == sorted(
+        f"val/loss@256/pos{a}-{b}" for a, b in [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63),
+                                                 (64, 127), (128, 255)])
+    assert main(["report", str(runs / "zero1"), str(runs / "zero3"), "--out", str(runs / "both.png")]) == 0
+    assert (runs / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
