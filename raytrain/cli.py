@@ -1,4 +1,4 @@
-"""``raytrain prepare | train | plan | tune | eval | export | report``: parse, validate, hand off."""
+"""``raytrain prepare | train | plan | tune | eval | generate | export | report``: parse, validate, hand off."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     tun.add_argument("overrides", nargs="*", metavar="key=value", help="override a tune config key (e.g. num_samples=2)")
     tun.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this config")
 
+    gen = commands.add_parser(
+        "generate", help="text from an exported model (transformers' generate)",
+        description="Continue --prompt with MODEL_DIR (a raytrain export or any local Hugging Face causal LM) "
+                    "through transformers' own generation; prints the prompt and its continuation.")
+    gen.add_argument("model_dir", metavar="MODEL_DIR")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
+
     exp = commands.add_parser(
         "export", help="consolidate a checkpoint (any ZeRO stage) into a Hugging Face model directory",
         description="Merge the DeepSpeed shards of CHECKPOINT (a run's checkpoint_* directory) into a Hugging "
@@ -104,6 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = Path(args.checkpoint)
             cfg = load_config(str(checkpoint.parent / "config.yaml"), environment=False)
             print(f"wrote {export_checkpoint(checkpoint, Path(args.out or checkpoint / 'model'), cfg)}")
+        elif args.command == "generate":
+            from raytrain.generate import generate, load
+            model_dir = Path(args.model_dir)
+            if not (model_dir / "config.json").is_file():
+                raise ConfigError([("MODEL_DIR", str(model_dir), "is not a model directory (no config.json); give "
+                                                                 "a run's model/ or an export")])
+            if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+                raise ConfigError([(k, v, fix) for k, v, fix, bad in [
+                    ("--max-new-tokens", args.max_new_tokens, "must be at least 1", args.max_new_tokens < 1),
+                    ("--temperature", args.temperature, "must be 0 (greedy) or more", args.temperature < 0),
+                    ("--top-p", args.top_p, "must be in (0, 1]", not 0 < args.top_p <= 1)] if bad])
+            print(generate(*load(model_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                           args.seed))
         elif args.command == "eval":
             print(json.dumps(evaluate_dir(args), indent=2))
         else:
@@ -112,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             print(table(read_jsonl(run_dir / "eval.jsonl")))
             for path in write_report(run_dir):
                 print(f"wrote {path}")
+            if (run_dir / "model" / "config.json").is_file():
+                from raytrain.generate import samples
+                text = samples(run_dir / "model")
+                (run_dir / "samples.txt").write_text(text + "\n")
+                print(f"samples from {run_dir / 'model'}:\n{text}\nwrote {run_dir / 'samples.txt'}")
             if args.more_runs:
                 from raytrain.report import plot_positions
                 out = Path(args.out or run_dir / "positions-compared.png")

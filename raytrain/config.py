@@ -128,6 +128,10 @@ class RunConfig(Section):
     """Newest checkpoints kept on disk."""
     max_failures: int = Field(2, ge=0)
     """Worker-group failures Ray Train recovers from (restarting from the newest checkpoint) before giving up."""
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Trackers that also receive every metrics and eval record (rank 0): tensorboard (event files in the run directory), mlflow (MLFLOW_TRACKING_URI, else a file store in run.dir/mlruns), wandb (offline unless logged in); needs pip install 'raytrain[tracking]'."""
+    group: Optional[str] = None
+    """What the run belongs to in the trackers (MLflow experiment, W&B group); raytrain tune sets the search's name."""
 
 
 class Config(Section):
@@ -315,6 +319,9 @@ def _environment_problems(s: dict) -> list[Problem]:
                                             "token stream; use a tokenizer that defines one"))
     if model.pretrained is not None:
         problems += _pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
+    from raytrain.trackers import EXTRA, missing_trackers
+    for name in missing_trackers(run.loggers):
+        problems.append(("run.loggers", name, f"the {name} library is not installed: {EXTRA}"))
     return problems
 
 

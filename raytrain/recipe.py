@@ -269,14 +269,15 @@ class Checkpointer:
 
 
 class RunLog:
-    """Rank 0's files in the run directory (metrics.jsonl, eval.jsonl) and its log lines."""
+    """Rank 0's files in the run directory (metrics.jsonl, eval.jsonl), its log lines and its trackers."""
 
-    def __init__(self, run_dir: Path, max_steps: int):
-        self.run_dir, self.max_steps = run_dir, max_steps
+    def __init__(self, run_dir: Path, max_steps: int, trackers=None):
+        self.run_dir, self.max_steps, self.trackers = run_dir, max_steps, trackers
         run_dir.mkdir(parents=True, exist_ok=True)
 
     def metrics(self, record: dict) -> None:
         self._append("metrics.jsonl", record)
+        self.trackers and self.trackers.log("metrics", record)
         step, elapsed = record["step"], record["elapsed_s"]
         eta = elapsed / step * (self.max_steps - step)  # resumed runs carry their elapsed time: an honest rate
         loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
@@ -289,6 +290,7 @@ class RunLog:
 
     def eval(self, record: dict) -> None:
         self._append("eval.jsonl", record)
+        self.trackers and self.trackers.log("eval", record)
         from raytrain.evaluate import length_losses
         losses = "  ".join(f"{length}: {loss:.4f}" for length, loss in length_losses(record).items())
         say(f"eval step {record['step']} | val loss by length  {losses}")

@@ -18,12 +18,13 @@ STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early; fit() rai
 def train_worker(payload: dict) -> None:
     """One data-parallel rank: plan the step, train it, log, evaluate, checkpoint; resume where a crash left off."""
     from raytrain.engine import export_hf, lr_schedule, set_lr
+    from raytrain.trackers import Trackers
     cfg, run_dir = Config.model_validate(payload["config"]), Path(payload["run_dir"])
     rank, world, engine, corpus = setup_worker(cfg, payload["corpus"])
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
     bf16 = cfg.bf16
-    log = RunLog(run_dir, cfg.train.max_steps) if rank == 0 else None
+    log = RunLog(run_dir, cfg.train.max_steps, Trackers(run_dir, cfg, say)) if rank == 0 else None
     flops_per_token, peak = model_flops(engine, cfg.scaling, log)
     meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
     state = checkpointer.restore(engine, meter)
@@ -54,6 +55,7 @@ def train_worker(payload: dict) -> None:
             checkpointer.report(engine, state, meter, checkpoint_now)
             meter.start()
     export_hf(engine, payload["tokenizer_dir"], run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
+    log and log.trackers.close()
 
 
 class Evaluator:
@@ -110,6 +112,7 @@ def stop_run(run_dir: Path, log, meter: Meter, step) -> None:
                 f"step {step.step + 1}, seq_len {step.length}; last good checkpoint: {last_checkpoint(run_dir)}")
         say(stop)
         (run_dir / STOPPED).write_text(stop)
+        log.trackers.close()
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

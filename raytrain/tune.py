@@ -206,7 +206,8 @@ def trial_problem(spec: TuneSpec, base_path: Optional[str], params: dict) -> Opt
 
 
 def trial_config(spec: TuneSpec, base_path: Optional[str], params: dict, name: str, runs_dir: str) -> Config:
-    cfg = base_config(spec, base_path, trial_overrides(params) + [f"run.name={name}", f"run.dir={runs_dir}"])
+    cfg = base_config(spec, base_path, trial_overrides(params) + [f"run.name={name}", f"run.dir={runs_dir}",
+                                                                  f"run.group={spec.name}"])
     if cfg.lengths.max not in cfg.eval.lengths:  # the objective val/loss@max needs it evaluated
         cfg.eval.lengths = sorted(cfg.eval.lengths + [cfg.lengths.max])
     return cfg

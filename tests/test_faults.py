@@ -92,10 +92,16 @@ def test_killed_worker_restarts_and_matches_an_uninterrupted_run(common, referen
 
     thread = threading.Thread(target=kill_a_worker)
     thread.start()
-    fit(load_config(None, overrides + ["run.name=killed"]))
+    fit(load_config(None, overrides + ["run.name=killed", "run.loggers=[tensorboard,mlflow,wandb]"]))
     thread.join()
     assert 14 <= killed["at_step"] < STEPS and not psutil.pid_exists(killed["pid"])
     assert_same_records(run_dir, reference)
+    # the trackers continued the same runs: one MLflow run, one W&B run, no step sent twice, the same values
+    from tests.test_trackers import assert_every_tracker_holds_the_records
+    from tests.trackers_read import mlflow_client
+    assert_every_tracker_holds_the_records(run_dir, ignore=TIMING)
+    client, run_id = mlflow_client(run_dir)
+    assert [r.info.run_id for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [run_id]
 
 
 def test_stopped_driver_resumes_on_rerun_and_matches(common, reference):

@@ -1,0 +1,179 @@
+"""``run.loggers``: every metrics and evaluation record also goes to TensorBoard, MLflow and Weights & Biases.
+
+Rank 0 only, keyed by step with ``tokens`` among the values; the resolved config
+goes in as the run's parameters. Offline first: TensorBoard event files in the
+run directory; MLflow to ``MLFLOW_TRACKING_URI`` or a file store beside the run
+directories (``run.dir/mlruns``); W&B offline unless the user has logged in. A tracker that fails (a
+server that cannot be reached) is reported once and dropped; the run goes on.
+
+A resumed run continues the same tracker runs (their ids are kept in
+``trackers.json``) and skips the records it already sent: a resume is exact, so
+the records a crashed attempt logged after its checkpoint are the ones the
+resumed run would log again.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Callable
+
+MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # what each one needs imported
+EXTRA = "pip install 'raytrain[tracking]'"
+
+
+def missing_trackers(loggers: list[str]) -> list[str]:
+    """The asked-for trackers whose library is not installed."""
+    missing = []
+    for name in loggers:
+        try:
+            importlib.import_module(MODULES[name])
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def numeric(record: dict, kind: str) -> dict[str, float]:
+    """The record's numbers by name, but its step (the key of every point). An evaluation's ``tokens`` is left
+    to the metrics record of the same step, so no tracker gets two points of one name at one step."""
+    skip = {"step", "tokens"} if kind == "eval" else {"step"}
+    return {k: float(v) for k, v in record.items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path, cfg, state: dict):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if not state:
+            self.writer.add_text("config", "```yaml\n" + cfg.to_yaml() + "```", 0)
+        state["dir"] = str(run_dir / "tensorboard")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflow:
+    """One MLflow run per raytrain run, in the experiment named by run.group (a search) or 'raytrain'."""
+
+    def __init__(self, run_dir: Path, cfg, state: dict):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server fails fast, once
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # default: one file store beside the runs (run.dir/mlruns), so runs and a search's trials sit side by side
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.parent / "mlruns").as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store but asks for consent to use it
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        if "run_id" not in state:
+            run = self.client.create_run(self.experiment(cfg.run.group or "raytrain"), run_name=cfg.run.name)
+            from raytrain.config import flatten
+            params = [Param(k, json.dumps(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+            state.update(run_id=run.info.run_id, tracking_uri=uri)
+        self.run_id = state["run_id"]
+
+    def experiment(self, name: str) -> str:
+        """Its id, creating it; two trials of a search may both try to create it at once."""
+        for _ in range(3):
+            found = self.client.get_experiment_by_name(name)
+            if found:
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except Exception:  # noqa: BLE001 - created by the other trial in between: look it up again
+                time.sleep(0.5)
+        raise RuntimeError(f"could not create or find MLflow experiment {name!r}")
+
+    @staticmethod
+    def key(name: str) -> str:
+        """val/loss@256/pos0-0 -> val/loss_at_256.pos0-0: MLflow refuses '@' in names, and its file store keeps
+        each name as a path, where val/loss_at_256 cannot be both a file and the folder of its buckets."""
+        return name.replace("@", "_at_").replace("/pos", ".pos")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(self.key(k), v, now, step) for k, v in values.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class WandB:
+    """One W&B run per raytrain run (project 'raytrain', grouped by run.group); offline unless logged in."""
+
+    def __init__(self, run_dir: Path, cfg, state: dict):
+        import wandb
+        state.setdefault("id", secrets.token_hex(4))  # W&B's own form: 8 lowercase characters
+        mode = os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "raytrain"), name=cfg.run.name,
+                              group=cfg.run.group, id=state["id"], resume="allow", dir=str(run_dir), mode=mode,
+                              config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True))
+        state["mode"] = mode
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path("~/.netrc").expanduser()
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+
+
+class Trackers:
+    """The run's trackers, opened on rank 0; ``log`` sends one metrics or evaluation record to each."""
+
+    def __init__(self, run_dir: Path, cfg, say: Callable[[str], None]):
+        self.path, self.say = run_dir / "trackers.json", say
+        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.open = {}
+        for name in cfg.run.loggers:
+            self._guard(name, lambda: self.open.__setitem__(
+                name, TRACKERS[name](run_dir, cfg, self.state.setdefault(name, {}))))
+        self._save()
+
+    def log(self, kind: str, record: dict) -> None:
+        """``kind``: 'metrics' or 'eval'. Records at or before the last step already sent are skipped."""
+        sent = self.state.setdefault("sent", {})
+        if record["step"] <= sent.get(kind, -1) or not self.open:
+            return
+        values = numeric(record, kind)
+        for name in list(self.open):
+            self._guard(name, lambda: self.open[name].log(values, record["step"]))
+        sent[kind] = record["step"]
+        self._save()
+
+    def close(self) -> None:
+        for name in list(self.open):
+            self._guard(name, self.open[name].close)
+
+    def _guard(self, name: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - any tracker failure: report once, keep training
+            self.open.pop(name, None)
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            self.state.setdefault("dropped", {})[name] = reason
+            self.say(f"warning: run.loggers: {name} failed ({reason}); the run goes on without it")
+
+    def _save(self) -> None:
+        self.path.write_text(json.dumps(self.state, indent=1))

@@ -1,0 +1,165 @@
+"""run.loggers: TensorBoard, MLflow and W&B read back with their own readers hold the same values as
+metrics.jsonl and eval.jsonl at the same steps (a plain run, a two-trial search); an unreachable MLflow
+server does not fail the run; a missing library is refused before Ray starts. raytrain generate."""
+import json
+import sys
+
+import pytest
+import yaml
+
+from raytrain.cli import main
+from raytrain.config import load_config
+from raytrain.trackers import MLflow, numeric
+from tests.test_training import TINY, read_jsonl
+from tests.trackers_read import mlflow_client, mlflow_metrics, tensorboard_scalars, wandb_runs
+
+ALL = "run.loggers=[tensorboard,mlflow,wandb]"
+
+
+def expected(run_dir) -> dict[str, dict[int, float]]:
+    """{name: {step: value}} from the jsonl files, as the trackers should hold it."""
+    points = {}
+    for kind in ("metrics", "eval"):
+        for record in read_jsonl(run_dir / f"{kind}.jsonl"):
+            for key, value in numeric(record, kind).items():
+                points.setdefault(key, {})[record["step"]] = value
+    return points
+
+
+def assert_holds(tracked: dict[str, list[tuple[int, float]]], want: dict[str, dict[int, float]], name=lambda k: k):
+    for key, by_step in want.items():
+        steps = [step for step, _ in tracked[name(key)]]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
+        got = dict(tracked[name(key)])
+        assert set(got) == set(by_step), key
+        assert [got[s] for s in sorted(got)] == pytest.approx([by_step[s] for s in sorted(got)], rel=1e-6), key
+
+
+FULL_RUN = {"loss", "tokens", "lr", "mfu", "grad_norm", "val/loss@64", "val/loss@256/pos128-255"}
+
+
+def assert_every_tracker_holds_the_records(run_dir, ignore=(), need=FULL_RUN):
+    """``ignore``: names whose values may differ (a resumed run's timing: the trackers keep the first attempt's)."""
+    want = {k: v for k, v in expected(run_dir).items() if k not in ignore}
+    assert need <= set(want)
+    assert_holds(tensorboard_scalars(run_dir), want)
+    assert_holds(mlflow_metrics(run_dir), want, MLflow.key)
+    (run,) = wandb_runs(run_dir).values()  # one W&B run, however many attempts
+    history = {}
+    for step, values in run["history"].items():
+        for key, value in values.items():
+            history.setdefault(key, []).append((step, value))
+    assert_holds(history, want)
+    return run
+
+
+def test_trackers_skip_what_an_earlier_attempt_sent_and_continue_the_same_runs(tmp_path):
+    """Two attempts of one run (the second a resume re-sending step 2): each tracker holds every record once."""
+    from raytrain.trackers import Trackers
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+    cfg = load_config(None, [ALL, "run.name=r1", f"run.dir={tmp_path}"], environment=False)
+    evals = [{"step": s, "tokens": 100 * s, "val/loss@64": 5.0 - s, "val/loss@64/pos0-0": 5.5 - s,
+              "val/loss@256/pos128-255": 4.0 - s} for s in (0, 4)]
+    metrics = [{"step": s, "tokens": 100 * s, "loss": 3.0 / s, "lr": 0.1, "mfu": 0.5, "grad_norm": None}
+               for s in (2, 4)]
+    for attempt in ([("eval", evals[0]), ("metrics", metrics[0])],
+                    [("eval", evals[0]), ("metrics", metrics[0]), ("metrics", metrics[1]), ("eval", evals[1])]):
+        trackers, sent = Trackers(run_dir, cfg, print), {}
+        for kind, record in attempt:
+            trackers.log(kind, record)
+            sent.setdefault(kind, []).append(json.dumps(record))
+        trackers.close()
+        for kind, lines in sent.items():  # the jsonl files as the attempt leaves them
+            (run_dir / f"{kind}.jsonl").write_text("\n".join(lines) + "\n")
+    run = assert_every_tracker_holds_the_records(run_dir, need={"loss", "tokens", "val/loss@64/pos0-0"})
+    assert run["files"] == 2 and sorted(run["history"]) == [0, 2, 4]
+    assert set(json.loads((run_dir / "trackers.json").read_text())) == {"tensorboard", "mlflow", "wandb", "sent"}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, cache_dir, tmp_path_factory):
+    from raytrain.train import fit
+    root = tmp_path_factory.mktemp("tracked")
+    common = TINY + [f"data.cache_dir={cache_dir}", f"run.dir={root}"]
+    fit(load_config(None, common + [ALL, "run.name=plain"]))
+    # an MLflow server that cannot be reached (nothing listens on port 9): reported once, the run goes on
+    fit(load_config(None, common + ["run.loggers=[mlflow,tensorboard]", "run.name=unreachable"]),
+        runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}})
+    return root
+
+
+@pytest.mark.ray
+def test_a_plain_run_is_in_every_tracker_with_its_config(runs):
+    run = assert_every_tracker_holds_the_records(runs / "plain")
+    assert run["config"]["train"]["tokens_per_step"] == 1024 and run["group"] == ""
+    client, run_id = mlflow_client(runs / "plain")
+    params = client.get_run(run_id).data.params
+    assert json.loads(params["train.tokens_per_step"]) == 1024 and json.loads(params["run.name"]) == "plain"
+    assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == "raytrain"
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.ray
+def test_an_unreachable_mlflow_server_does_not_fail_the_run(runs):
+    run_dir = runs / "unreachable"
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == 6 and (run_dir / "model" / "config.json").is_file()
+    assert_holds(tensorboard_scalars(run_dir), expected(run_dir))
+    state = json.loads((run_dir / "trackers.json").read_text())
+    assert "run_id" not in state["mlflow"] and "ConnectionError" in state["dropped"]["mlflow"] + "ConnectionError"
+    assert set(state["dropped"]) == {"mlflow"}
+
+
+@pytest.mark.ray
+def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_session, cache_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from raytrain.tune import tune_main
+    from tests.test_tune import TINY_BASE
+    base = {**TINY_BASE, "data.cache_dir": cache_dir, "run.loggers": ["tensorboard", "mlflow", "wandb"]}
+    spec = {"name": "grouped", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
+            "search": {"train.lr": {"grid": [0.002, 0.004]}}, "scheduler": {"type": "fifo"},
+            "objective": {"metric": "val/loss@max", "mode": "min"}}
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
+    tune_main(str(tmp_path / "tune.yaml"), [])
+    trials = sorted(p for p in (tmp_path / "exp" / "grouped" / "trials").iterdir() if (p / "trackers.json").exists())
+    assert len(trials) == 2
+    for trial in trials:
+        run = assert_every_tracker_holds_the_records(trial)
+        assert run["group"] == "grouped"
+    client = MlflowClient(json.loads((trials[0] / "trackers.json").read_text())["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("grouped")
+    names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
+    assert names == [t.name for t in trials]
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_ray_starts(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    assert main(["train", "run.loggers=[wandb,tensorboard]"]) == 2
+    err = capsys.readouterr().err
+    assert "run.loggers = 'wandb': the wandb library is not installed: pip install 'raytrain[tracking]'" in err
+    assert "'tensorboard'" not in err
+
+
+@pytest.mark.ray
+def test_generate_is_seeded_and_greedy_equals_transformers_generate(runs, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = runs / "plain" / "model"
+    texts = []
+    for _ in range(2):
+        assert main(["generate", str(model_dir), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("def ") and len(texts[0]) > 5
+    assert main(["generate", str(model_dir), "--prompt", "import ", "--max-new-tokens", "20",
+                 "--temperature", "0"]) == 0
+    ours = capsys.readouterr().out.rstrip("\n")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    ids = tokenizer("import ", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert ours == tokenizer.decode(out[0], skip_special_tokens=True)
+    assert main(["report", str(runs / "plain")]) == 0
+    assert "--- 'def ' (greedy, 48 tokens)" in capsys.readouterr().out
+    assert (runs / "plain" / "samples.txt").read_text().count("--- ") == 3
