@@ -82,6 +82,8 @@ class TrainConfig(Section):
     """auto: bf16 on GPU, fp32 on CPU. bf16: forward and backward under torch.autocast(bfloat16) on fp32 weights (bf16 matmuls and activations; fp32 master weights, gradient accumulation and gradient all-reduce at every ZeRO stage)."""
     micro_batch_tokens: Optional[int] = Field(None, ge=1)
     """Most tokens one worker runs per forward/backward (gradient accumulation); null runs its whole share at once."""
+    loss_chunk_tokens: Optional[int] = Field(None, ge=1)
+    """Positions the output head and the loss take at a time, recomputed in the backward: at most one chunk's logits exist instead of a whole micro-batch's (tokens x vocabulary x 4+ bytes); null: all at once."""
 
 
 class EvalConfig(Section):

@@ -53,17 +53,45 @@ def window_logits(model, windows: torch.Tensor, eot: int | None = None, bf16: bo
     return logits, targets
 
 
-def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False) -> torch.Tensor:
+def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False,
+                chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
 
+    ``chunk_tokens``: the output head and the loss run that many positions at a
+    time and each chunk's logits are recomputed in the backward, so no more than
+    one chunk's logits (and their fp32 copy) ever exist, instead of B x L x vocab.
     An empty batch (a rank with fewer rows than micro-batches) runs one
     zero-weighted row instead, so every rank makes the same collective calls:
     ZeRO-3 gathers parameters inside forward and backward.
     """
     if windows.shape[0] == 0:
         dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
-        return window_loss(model, dummy, eot, bf16) * 0.0
-    return token_loss_sum(*window_logits(model, windows, eot, bf16))
+        return window_loss(model, dummy, eot, bf16, chunk_tokens) * 0.0
+    if not chunk_tokens:
+        return token_loss_sum(*window_logits(model, windows, eot, bf16))
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    inputs, targets = split_window(windows)
+    positions = None if eot is None else document_positions(inputs, eot)
+    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = getattr(module, module.base_model_prefix)(input_ids=inputs, position_ids=positions,
+                                                           use_cache=False)[0]
+        return chunked_loss_sum(hidden, module.get_output_embeddings(), targets, chunk_tokens)
+
+
+def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """``token_loss_sum(head(hidden), targets)`` without the whole logits tensor: (B, L, H) hidden states go
+    through the head ``chunk_tokens`` positions at a time under non-reentrant checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    flat, goal = hidden.flatten(0, 1), targets.flatten()
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, goal.numel(), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(_head_loss, flat[start:end], goal[start:end], head, use_reentrant=False)
+    return total
+
+
+def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def position_loss_sums(model, windows: torch.Tensor, eot: int | None = None,

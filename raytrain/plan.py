@@ -58,7 +58,8 @@ def model_state_bytes(stage: int, params: int, largest_layer: int, world: int) -
     return zero2 + (4 * params - 4 * params // world if stage == 1 else 0)
 
 
-def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool, masked: bool) -> tuple[int, int]:
+def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool, masked: bool,
+                     loss_chunk: Optional[int] = None) -> tuple[int, int]:
     """(block activations, logits and loss) bytes for one micro-batch's forward and backward.
 
     Per token and layer a Llama block keeps its fp32 residual input twice (both
@@ -66,7 +67,8 @@ def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool
     k, the attention output, and the MLP's gate, up, activation and product: 2
     fp32 + 8 hidden + 4 intermediate values. Recompute keeps only each block's
     input plus one block's set. The loss keeps the logits, their fp32 copy and
-    log-softmax, and the gradient (fp32). A document mask is one byte per
+    log-softmax, and the gradient (fp32), for the whole micro-batch or, with
+    ``loss_chunk``, for one chunk of positions at a time. A document mask is one byte per
     query-key pair per row; autocast caches a 16-bit copy of every weight.
     """
     width = 2 if bf16 else 4
@@ -75,7 +77,7 @@ def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool
     tokens = rows * length
     kept = (4 * hidden * layers + per_layer) if recompute else per_layer * layers
     blocks = tokens * (kept + 4 * hidden) + (rows * length * length if masked else 0)
-    logits = tokens * config.vocab_size * (12 + (width if bf16 else 0))
+    logits = min(tokens, loss_chunk or tokens) * config.vocab_size * (12 + (width if bf16 else 0))
     return blocks, logits
 
 
@@ -102,8 +104,8 @@ class RunPlan:
         return (f"does not fit: needs {m.total / GiB:.1f} GiB per rank (model states {m.states / GiB:.1f}, "
                 f"activations {m.activations / GiB:.1f}, logits and loss {m.logits / GiB:.1f} at "
                 f"{self.largest.micro_rows} x {self.largest.length} tokens), {self._device()} "
-                f"{self.available / GiB:.1f} GiB; lower train.micro_batch_tokens, raise deepspeed.zero_stage, "
-                "set model.activation_checkpointing=true or use more or larger GPUs")
+                f"{self.available / GiB:.1f} GiB; lower train.micro_batch_tokens, set train.loss_chunk_tokens, raise "
+                "deepspeed.zero_stage, set model.activation_checkpointing=true or use more or larger GPUs")
 
     def _device(self) -> str:
         if self.accelerator:
@@ -160,7 +162,7 @@ def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None
     bf16 = cfg.bf16
     # the probe and every step at a length: the largest of (block activations + logits) over the lengths
     peak = max((activation_bytes(model.config, s.micro_rows, s.length, bf16, cfg.model.activation_checkpointing,
-                                 not cfg.data.cross_documents) for s in shapes), key=sum)
+                                 not cfg.data.cross_documents, train.loss_chunk_tokens) for s in shapes), key=sum)
     cast = 2 * params if bf16 else 0
     memory = Memory(model_state_bytes(cfg.deepspeed.zero_stage, params, largest_layer, world),
                     peak[0] + cast, peak[1], 0 if cfg.scaling.use_gpu else world * SHM_WORKSPACE)

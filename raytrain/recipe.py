@@ -97,9 +97,11 @@ class Planner:
         return largest.micro_rows, largest.length
 
 
-def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot: Optional[int], bf16: bool):
+def train_step(engine, batches: list[np.ndarray], targets: int, world: int, loss):
     """Forward and backward every micro-batch, then update unless the loss is non-finite.
 
+    ``loss(engine, windows)`` is the summed shifted cross-entropy of a micro-batch
+    (``loss.window_loss`` with the run's document masking, precision and chunking).
     Returns the step's loss, summed over ranks and divided by the global step's
     targets (a float64 tensor), whether it was finite, and the gradient norm
     before clipping (DeepSpeed's, over all ranks; None for a skipped step). Each micro-batch's
@@ -112,11 +114,10 @@ def train_step(engine, batches: list[np.ndarray], targets: int, world: int, eot:
     import torch.distributed as dist
 
     from raytrain.engine import discard_gradients
-    from raytrain.loss import window_loss
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for i, batch in enumerate(batches):
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-        micro_sum = window_loss(engine, torch.from_numpy(batch).to(engine.device), eot, bf16)
+        micro_sum = loss(engine, torch.from_numpy(batch).to(engine.device))
         engine.backward(micro_sum * (world / targets))
         loss_sum += micro_sum.detach().double()
     dist.all_reduce(loss_sum)

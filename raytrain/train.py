@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -18,30 +19,32 @@ STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early; fit() rai
 def train_worker(payload: dict) -> None:
     """One data-parallel rank: plan the step, train it, log, evaluate, checkpoint; resume where a crash left off."""
     from raytrain.engine import export_hf, lr_schedule, set_lr
+    from raytrain.loss import window_loss
     from raytrain.trackers import Trackers
     cfg, run_dir = Config.model_validate(payload["config"]), Path(payload["run_dir"])
     rank, world, engine, corpus = setup_worker(cfg, payload["corpus"])
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
     bf16 = cfg.bf16
+    loss = partial(window_loss, eot=eot, bf16=bf16, chunk_tokens=cfg.train.loss_chunk_tokens)
     log = RunLog(run_dir, cfg.train.max_steps, Trackers(run_dir, cfg, say)) if rank == 0 else None
     flops_per_token, peak = model_flops(engine, cfg.scaling, log)
     meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
     state = checkpointer.restore(engine, meter)
     evaluate = Evaluator(cfg, corpus, engine, rank, world, eot, bf16, log)
     state.last_eval = state.last_eval or evaluate(state)
-    probe_memory(engine, *plan.largest_micro_batch(), eot, bf16, log)
+    probe_memory(engine, *plan.largest_micro_batch(), eot, loss, log)
     meter.start()
     while state.step < cfg.train.max_steps:
         step = plan(state.step)
         set_lr(engine, lr_at(state.step if cfg.train.lr_by == "steps" else state.tokens / cfg.train.tokens_per_step))
         with meter.waiting_for_data():
             batches = step.rank_batches(corpus.train, rank)
-        loss, finite, grad_norm = train_step(engine, batches, step.targets, world, eot, bf16)
-        meter.update(loss, finite, grad_norm, step.targets, step.targets * flops_per_token(step.length))
+        step_loss, finite, grad_norm = train_step(engine, batches, step.targets, world, loss)
+        meter.update(step_loss, finite, grad_norm, step.targets, step.targets * flops_per_token(step.length))
         state.step, state.tokens = state.step + 1, state.tokens + step.targets
         if not finite and log:
-            say(non_finite_message(meter.bad_in_a_row, meter.skipped, step, loss))
+            say(non_finite_message(meter.bad_in_a_row, meter.skipped, step, step_loss))
         if meter.bad_in_a_row >= cfg.train.max_nonfinite:
             return stop_run(run_dir, log, meter, step)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
@@ -85,7 +88,7 @@ def model_flops(engine, scaling, log):
     return (lambda length: training_flops_per_token(engine.module, length, weights)), peak
 
 
-def probe_memory(engine, rows: int, length: int, eot, bf16: bool, log) -> None:
+def probe_memory(engine, rows: int, length: int, eot, loss, log) -> None:
     """Forward and backward the largest micro-batch any rank will run, before training, weighted by zero.
 
     An out-of-memory then shows at step 0, not hours in (Composer's and
@@ -94,15 +97,13 @@ def probe_memory(engine, rows: int, length: int, eot, bf16: bool, log) -> None:
     are exact zeros, accumulated into the first step without changing it.
     """
     import torch
-
-    from raytrain.loss import window_loss
     if log:
         say(f"memory probe: forward/backward of {rows} x {length} tokens (the largest micro-batch) before step 1")
     windows = torch.zeros((rows, length + 1), dtype=torch.long, device=engine.device)
     if eot is not None:
         windows[:, length // 2] = eot
     engine.set_gradient_accumulation_boundary(False)
-    engine.backward(window_loss(engine, windows, eot, bf16) * 0.0)
+    engine.backward(loss(engine, windows) * 0.0)
 
 
 def stop_run(run_dir: Path, log, meter: Meter, step) -> None:
@@ -208,7 +209,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
                                                      "val_tokens": corpus.val.size}))
     load_tokenizer(cfg.tokenizer).save_pretrained(run_dir / "tokenizer")  # the export's; workers never load one
     env = dict(runtime_env or {})
-    env["env_vars"] = {"DS_ACCELERATOR": accelerator, **env.get("env_vars", {})}  # workers find the op themselves
+    env["env_vars"] = {**worker_env_vars(cfg.scaling.use_gpu, os.environ), **env.get("env_vars", {})}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
@@ -228,6 +229,20 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     return result
 class TrainingStopped(RuntimeError):
     """The run stopped itself (non-finite losses); retrying would only repeat them."""
+
+
+def worker_env_vars(use_gpu: bool, here: dict) -> dict[str, str]:
+    """The workers' environment: DeepSpeed's accelerator, and on GPU an allocator for shapes that vary per step.
+
+    Every step has its own (rows, L), so the CUDA caching allocator would keep
+    carving differently sized blocks and fragment; expandable segments grow one
+    mapping instead (PyTorch's advice for varying shapes). A value the user set
+    (``PYTORCH_CUDA_ALLOC_CONF`` here) is kept.
+    """
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    if use_gpu:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = here.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
 
 
 def scaling_config(scaling):

@@ -85,3 +85,19 @@ def test_memory_estimate_is_within_30_percent_of_a_real_runs_peak(ray_session, c
     fit(cfg, runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": "65536"}})
     measured = max(m["peak_memory_gb"] for m in read_jsonl(tmp_path / "mem" / "metrics.jsonl")) * GiB
     assert estimate == pytest.approx(measured, rel=0.3), (estimate / GiB, measured / GiB)
+
+
+def test_gpu_workers_get_expandable_segments_unless_the_user_chose_an_allocator():
+    from raytrain.train import worker_env_vars
+    assert worker_env_vars(True, {}) == {"DS_ACCELERATOR": "cuda", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert worker_env_vars(True, {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:256"})["PYTORCH_CUDA_ALLOC_CONF"] == \
+        "max_split_size_mb:256"
+    assert worker_env_vars(False, {}) == {"DS_ACCELERATOR": "cpu"}
+
+
+def test_chunked_loss_shrinks_the_logits_term_to_one_chunk():
+    cfg = load_config(str(GPU_CONFIGS[0]), ["train.loss_chunk_tokens=null"], environment=False)
+    whole = plan_run(cfg, vocab=50257, with_time=False).memory.logits
+    chunked = plan_run(load_config(str(GPU_CONFIGS[0]), environment=False), vocab=50257, with_time=False).memory.logits
+    assert whole == 8 * 2048 * 50257 * (12 + 2)  # the largest micro-batch: 8 rows x 2048, bf16 logits + fp32 loss
+    assert chunked == 2048 * 50257 * (12 + 2)
