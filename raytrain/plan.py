@@ -164,7 +164,8 @@ def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None
     peak = max((activation_bytes(model.config, s.micro_rows, s.length, bf16, cfg.model.activation_checkpointing,
                                  not cfg.data.cross_documents, train.loss_chunk_tokens) for s in shapes), key=sum)
     cast = 2 * params if bf16 else 0
-    memory = Memory(model_state_bytes(cfg.deepspeed.zero_stage, params, largest_layer, world),
+    from raytrain.engine import zero_stage
+    memory = Memory(model_state_bytes(zero_stage(cfg.deepspeed.zero_stage, world), params, largest_layer, world),
                     peak[0] + cast, peak[1], 0 if cfg.scaling.use_gpu else world * SHM_WORKSPACE)
     accelerator = accelerator_of(cfg, gpu)
     if accelerator:
@@ -188,12 +189,12 @@ def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None
 
 def describe(plan: RunPlan, mfu: float) -> str:
     """The plan as the lines ``raytrain plan`` prints."""
-    from raytrain.engine import deepspeed_config
+    from raytrain.engine import deepspeed_config, zero_stage
     cfg, s = plan.cfg, plan.cfg.scaling
     device = f"1 GPU ({plan.accelerator.name if plan.accelerator else 'any type'})" if s.use_gpu else "CPU only"
     lines = [f"workers: {s.num_workers} x ({s.cpus_per_worker} CPU, {device}), placement {s.placement_strategy}",
              f"model: {plan.params / 1e6:.1f}M parameters (largest layer {plan.largest_layer / 1e6:.1f}M), "
-             f"ZeRO-{cfg.deepspeed.zero_stage}, precision {cfg.train.precision}",
+             f"ZeRO-{zero_stage(cfg.deepspeed.zero_stage, s.num_workers)}, precision {cfg.train.precision}",
              f"steps: {cfg.train.max_steps:,} x {cfg.train.tokens_per_step:,} tokens = {plan.total_tokens:,} tokens; "
              f"lengths {cfg.lengths.schedule} {cfg.lengths.min}-{cfg.lengths.max}"]
     for name, shape in (("shortest", plan.shortest), ("longest", plan.longest)):

@@ -296,6 +296,9 @@ class RunLog:
         losses = "  ".join(f"{length}: {loss:.4f}" for length, loss in length_losses(record).items())
         say(f"eval step {record['step']} | val loss by length  {losses}")
 
+    def close(self) -> None:
+        self.trackers and self.trackers.close()
+
     def truncate_after(self, step: int) -> None:
         """Drop records a crashed attempt wrote after the checkpoint it resumes from."""
         for name in ("metrics.jsonl", "eval.jsonl"):

@@ -27,7 +27,8 @@ def train_worker(payload: dict) -> None:
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
     bf16 = cfg.bf16
     loss = partial(window_loss, eot=eot, bf16=bf16, chunk_tokens=cfg.train.loss_chunk_tokens)
-    log = RunLog(run_dir, cfg.train.max_steps, Trackers(run_dir, cfg, say)) if rank == 0 else None
+    trackers = Trackers(run_dir, cfg, say) if rank == 0 and cfg.run.loggers else None
+    log = RunLog(run_dir, cfg.train.max_steps, trackers) if rank == 0 else None
     flops_per_token, peak = model_flops(engine, cfg.scaling, log)
     meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
     state = checkpointer.restore(engine, meter)
@@ -58,7 +59,7 @@ def train_worker(payload: dict) -> None:
             checkpointer.report(engine, state, meter, checkpoint_now)
             meter.start()
     export_hf(engine, payload["tokenizer_dir"], run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
-    log and log.trackers.close()
+    log and log.close()
 
 
 class Evaluator:
@@ -113,7 +114,7 @@ def stop_run(run_dir: Path, log, meter: Meter, step) -> None:
                 f"step {step.step + 1}, seq_len {step.length}; last good checkpoint: {last_checkpoint(run_dir)}")
         say(stop)
         (run_dir / STOPPED).write_text(stop)
-        log.trackers.close()
+        log.close()
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -147,8 +148,11 @@ def setup_worker(cfg: Config, corpus_dir: str):
     mark_memory_baseline()
     model = build_model(cfg.model, corpus.index["vocab_size"], corpus.index["eot"])
     engine = init_engine(model, deepspeed_config(cfg.deepspeed, cfg.train, world))
+    stage = engine.zero_optimization_stage()
+    note = "" if stage == cfg.deepspeed.zero_stage else \
+        f" (one rank: deepspeed.zero_stage={cfg.deepspeed.zero_stage} would partition nothing)"
     say(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}, device {engine.device}, "
-        f"ZeRO-{cfg.deepspeed.zero_stage}")
+        f"ZeRO-{stage}{note}")
     return rank, world, engine, corpus
 
 

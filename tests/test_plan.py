@@ -101,3 +101,12 @@ def test_chunked_loss_shrinks_the_logits_term_to_one_chunk():
     chunked = plan_run(load_config(str(GPU_CONFIGS[0]), environment=False), vocab=50257, with_time=False).memory.logits
     assert whole == 8 * 2048 * 50257 * (12 + 2)  # the largest micro-batch: 8 rows x 2048, bf16 logits + fp32 loss
     assert chunked == 2048 * 50257 * (12 + 2)
+
+
+def test_one_rank_runs_zero_0_because_zero_over_one_rank_partitions_nothing():
+    from raytrain.engine import deepspeed_config
+    cfg = load_config(None, ["deepspeed.zero_stage=3"], environment=False)
+    assert deepspeed_config(cfg.deepspeed, cfg.train, 1)["zero_optimization"] == {"stage": 0}
+    assert deepspeed_config(cfg.deepspeed, cfg.train, 2)["zero_optimization"] == {"stage": 3}
+    one = plan_run(load_config(None, ["scaling.num_workers=1"], environment=False), with_time=False)
+    assert one.memory.states == 16 * one.params  # plain AdamW: weights, gradients, two moments, no master copy
