@@ -122,6 +122,7 @@ def readme_job_lines() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.ray
 @pytest.mark.own_ray
 def test_readme_job_command_trains_on_a_token_authenticated_head(tmp_path):
     """cluster/README.md's lines as written: a token, a `ray start --head` with token authentication, the
@@ -167,6 +168,7 @@ def place(manifest_text: str, tmp_path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.ray  # starts simulated Ray clusters (in a subprocess)
 def test_rayjob_workers_fit_its_pods_and_too_few_cpus_do_not(tmp_path):
     """Ray's own scheduler places the job's 8 training bundles (the config's ScalingConfig) on the 2 declared
     pods; with the pods cut to 16 CPUs (Ray offers the limit when num-cpus is not given) it cannot."""
