@@ -25,14 +25,13 @@ def train_worker(payload: dict) -> None:
     rank, world, engine, corpus = setup_worker(cfg, payload["corpus"])
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     eot = None if cfg.data.cross_documents else corpus.index["eot"]
-    bf16 = cfg.bf16
-    loss = partial(window_loss, eot=eot, bf16=bf16, chunk_tokens=cfg.train.loss_chunk_tokens)
+    loss = partial(window_loss, eot=eot, bf16=cfg.bf16, chunk_tokens=cfg.train.loss_chunk_tokens)
     trackers = Trackers(run_dir, cfg, say) if rank == 0 and cfg.run.loggers else None
     log = RunLog(run_dir, cfg.train.max_steps, trackers) if rank == 0 else None
     flops_per_token, peak = model_flops(engine, cfg.scaling, log)
     meter, checkpointer, lr_at = Meter(peak * world), Checkpointer(rank, log), lr_schedule(cfg.train)
     state = checkpointer.restore(engine, meter)
-    evaluate = Evaluator(cfg, corpus, engine, rank, world, eot, bf16, log)
+    evaluate = Evaluator(cfg, corpus, engine, rank, world, eot, cfg.bf16, log)
     state.last_eval = state.last_eval or evaluate(state)
     probe_memory(engine, *plan.largest_micro_batch(), eot, loss, log)
     meter.start()
