@@ -213,13 +213,24 @@ def trial_config(spec: TuneSpec, base_path: Optional[str], params: dict, name: s
     return cfg
 
 
+def as_tune_point(params: dict) -> dict[str, str]:
+    """A candidate as Tune carries it: each value as JSON text. Tune reads a list value (lengths.stages) as a
+    nested search space and fails on it; a string is opaque to it."""
+    return {key: json.dumps(value) for key, value in params.items()}
+
+
+def from_tune_point(point: dict, keys) -> dict:
+    return {key: json.loads(point[key]) for key in keys}
+
+
 def run_trial(params: dict, spec: dict, base_path: Optional[str], runs_dir: str) -> None:
     """One Tune trial: a full raytrain run on its own Ray Train workers, reporting to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain.train import fit
-    cfg = trial_config(TuneSpec.model_validate(spec), base_path, params, tune.get_context().get_trial_name(),
+    spec = TuneSpec.model_validate(spec)
+    cfg = trial_config(spec, base_path, from_tune_point(params, spec.search), tune.get_context().get_trial_name(),
                        runs_dir)
     fit(cfg, callbacks=[TuneReportCallback()])
 
@@ -262,9 +273,10 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
                                    resume_errored=True)
     else:
         # The validated candidates are evaluated exactly as drawn: the searcher replays them in order.
-        searcher = BasicVariantGenerator(points_to_evaluate=trials,
+        points = [as_tune_point(t) for t in trials]
+        searcher = BasicVariantGenerator(points_to_evaluate=points,
                                          max_concurrent=spec.max_concurrent or concurrency(base))
-        space = {key: tune.choice(sorted({repr(t[key]) for t in trials})) for key in spec.search}
+        space = {key: tune.choice(sorted({p[key] for p in points})) for key in spec.search}
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=spec.objective.metric, mode=spec.objective.mode, scheduler=scheduler,
@@ -296,7 +308,7 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
     metric = spec.objective.metric
     rows = []
     for result in results:
-        params = {key: result.config[key] for key in spec.search}
+        params = from_tune_point(result.config, spec.search)
         last = result.metrics or {}
         finished = last.get("step") == base_config(spec, base_path, trial_overrides(params),
                                                    environment=False).train.max_steps

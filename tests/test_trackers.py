@@ -116,9 +116,11 @@ def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_sessio
 
     from raytrain.tune import tune_main
     from tests.test_tune import TINY_BASE
-    base = {**TINY_BASE, "data.cache_dir": cache_dir, "run.loggers": ["tensorboard", "mlflow", "wandb"]}
+    base = {**TINY_BASE, "data.cache_dir": cache_dir, "run.loggers": ["tensorboard", "mlflow", "wandb"],
+            "lengths.schedule": "staged", "lengths.stages": [[4, 64]]}
+    # a list-valued key: Tune would read a raw list as a nested search space, so raytrain passes JSON text
     spec = {"name": "grouped", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
-            "search": {"train.lr": {"grid": [0.002, 0.004]}}, "scheduler": {"type": "fifo"},
+            "search": {"lengths.stages": {"grid": [[[4, 64]], [[2, 32], [8, 64]]]}}, "scheduler": {"type": "fifo"},
             "objective": {"metric": "val/loss@max", "mode": "min"}}
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
     tune_main(str(tmp_path / "tune.yaml"), [])
@@ -131,6 +133,8 @@ def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_sessio
     experiment = client.get_experiment_by_name("grouped")
     names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
     assert names == [t.name for t in trials]
+    stages = sorted(yaml.safe_load((t / "config.yaml").read_text())["lengths"]["stages"] for t in trials)
+    assert stages == [[[2, 32], [8, 64]], [[4, 64]]]
 
 
 def test_a_tracker_that_is_not_installed_is_refused_before_ray_starts(monkeypatch, capsys):

@@ -170,3 +170,10 @@ def test_a_search_in_which_every_trial_fails_says_so_and_why(ray_session, tmp_pa
     err = capsys.readouterr().err
     assert f"every trial of {tmp_path / 'exp' / 'doomed'} failed (2 of 2)" in err
     assert err.count("stopped: 1 non-finite losses in a row (train.max_nonfinite)") == 2
+
+
+def test_candidates_travel_through_tune_as_json_text_and_come_back_equal():
+    from raytrain.tune import as_tune_point, from_tune_point
+    trial = {"train.lr": 0.002, "lengths.stages": [[30, 256], [60, 512]], "lengths.schedule": "staged"}
+    point = as_tune_point(trial)
+    assert all(isinstance(v, str) for v in point.values()) and from_tune_point(point, trial) == trial
