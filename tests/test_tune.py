@@ -177,3 +177,21 @@ def test_candidates_travel_through_tune_as_json_text_and_come_back_equal():
     trial = {"train.lr": 0.002, "lengths.stages": [[30, 256], [60, 512]], "lengths.schedule": "staged"}
     point = as_tune_point(trial)
     assert all(isinstance(v, str) for v in point.values()) and from_tune_point(point, trial) == trial
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs" / "study").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_schedule_study_config_validates(path):
+    """bench/study.py's searches: the lr grid crossed with the schedule's own setting, equal tokens, ASHA."""
+    if path.name == "base.yaml":  # the shared training config
+        cfg = load_config(str(path), environment=False)
+        assert cfg.lengths.max == 1024 and 1024 in cfg.eval.lengths and cfg.scaling.num_workers == 1
+        return
+    spec = load_spec(str(path))
+    trials, notes = candidates(spec, _base_path(spec, str(path)))
+    schedule = path.stem
+    assert not notes and len(trials) == (3 if schedule == "fixed" else 6)
+    assert {t["train.lr"] for t in trials} == {0.002, 0.004, 0.008}
+    assert spec.objective.metric == "val/loss@1024" and spec.scheduler.time_attr == "tokens"
+    base = load_config(str(_base_path(spec, str(path))), [f"lengths.schedule={schedule}"] +
+                       (["lengths.stages=[[30,256]]"] if schedule == "staged" else []), environment=False)
+    assert base.train.max_steps * base.train.tokens_per_step == 819_200  # equal tokens for every schedule
