@@ -266,6 +266,11 @@ def _cross_problems(s: dict) -> list[Problem]:
     """Checks that involve several keys (no files, no machine)."""
     lengths, train, model, scaling, ev = (s[k] for k in ("lengths", "train", "model", "scaling", "eval"))
     problems = lengths.problems()
+    if train.loss_chunk_tokens and s["deepspeed"].zero_stage == 3 and scaling.num_workers > 1:
+        problems.append(("train.loss_chunk_tokens", train.loss_chunk_tokens,
+                         "not with deepspeed.zero_stage 3: calling the output head once per chunk, recomputed in "
+                         "the backward, gives wrong gradients under ZeRO-3's parameter gathering (measured); "
+                         "use null, or ZeRO 0-2"))
     if train.tokens_per_step < lengths.max:
         problems.append(("train.tokens_per_step", train.tokens_per_step,
                          f"must be >= lengths.max ({lengths.max}) so every step has at least one row"))

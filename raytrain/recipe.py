@@ -300,12 +300,14 @@ class RunLog:
         self.trackers and self.trackers.close()
 
     def truncate_after(self, step: int) -> None:
-        """Drop records a crashed attempt wrote after the checkpoint it resumes from."""
+        """Drop records a crashed attempt wrote after the checkpoint it resumes from; trackers get what is kept
+        and they lack."""
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = self.run_dir / name
             if path.exists():
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in kept))
+        self.trackers and self.trackers.replay(self.run_dir)
 
     def _append(self, name: str, record: dict) -> None:
         with (self.run_dir / name).open("a") as f:

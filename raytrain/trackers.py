@@ -120,13 +120,15 @@ class WandB:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "raytrain"), name=cfg.run.name,
                               group=cfg.run.group, id=state["id"], resume="allow", dir=str(run_dir), mode=mode,
                               config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True))
-        state["mode"] = mode
+        state.update(mode=mode, open=True)
+        self.state = state
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
 
     def close(self) -> None:
         self.run.finish()
+        self.state["open"] = False
 
 
 def logged_in() -> bool:
@@ -145,6 +147,12 @@ class Trackers:
     def __init__(self, run_dir: Path, cfg, say: Callable[[str], None]):
         self.path, self.say = run_dir / "trackers.json", say
         self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        # W&B writes through its own service process, which buffers: an attempt killed before W&B's finish()
+        # loses what it had not written yet. Its records are then sent again (replay); the W&B server drops
+        # steps it already has when offline files are synced.
+        if self.state.get("wandb", {}).get("open"):
+            self.state.setdefault("sent", {}).pop("wandb", None)
+        self.state.setdefault("sent", {})
         self.open = {}
         for name in cfg.run.loggers:
             self._guard(name, lambda: self.open.__setitem__(
@@ -152,19 +160,30 @@ class Trackers:
         self._save()
 
     def log(self, kind: str, record: dict) -> None:
-        """``kind``: 'metrics' or 'eval'. Records at or before the last step already sent are skipped."""
-        sent = self.state.setdefault("sent", {})
-        if record["step"] <= sent.get(kind, -1) or not self.open:
-            return
-        values = numeric(record, kind)
+        """``kind``: 'metrics' or 'eval'. A tracker skips records at or before the last step it was sent."""
+        values, step = numeric(record, kind), record["step"]
         for name in list(self.open):
-            self._guard(name, lambda: self.open[name].log(values, record["step"]))
-        sent[kind] = record["step"]
+            sent = self.state["sent"].setdefault(name, {})
+            if step > sent.get(kind, -1):
+                self._guard(name, lambda: self.open[name].log(values, step))
+                sent[kind] = step
         self._save()
+
+    def replay(self, run_dir: Path) -> None:
+        """Send the records the run directory holds (after a restart truncated them to its checkpoint), in step
+        order, metrics before evaluation at one step as the loop writes them; each tracker skips what it has."""
+        records = []
+        for order, kind in enumerate(("metrics", "eval")):
+            path = run_dir / f"{kind}.jsonl"
+            lines = path.read_text().splitlines() if path.is_file() else []
+            records += [(json.loads(line)["step"], order, kind, json.loads(line)) for line in lines if line]
+        for _, _, kind, record in sorted(records, key=lambda r: r[:2]):
+            self.log(kind, record)
 
     def close(self) -> None:
         for name in list(self.open):
             self._guard(name, self.open[name].close)
+        self._save()
 
     def _guard(self, name: str, call: Callable[[], None]) -> None:
         try:

@@ -99,7 +99,8 @@ def test_killed_worker_restarts_and_matches_an_uninterrupted_run(common, referen
     # the trackers continued the same runs: one MLflow run, one W&B run, no step sent twice, the same values
     from tests.test_trackers import assert_every_tracker_holds_the_records
     from tests.trackers_read import mlflow_client
-    assert_every_tracker_holds_the_records(run_dir, ignore=TIMING)
+    assert_every_tracker_holds_the_records(run_dir, ignore=TIMING,
+                                           need={"loss", "skipped", "val/loss@128/pos64-127"})
     client, run_id = mlflow_client(run_dir)
     assert [r.info.run_id for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [run_id]
 
