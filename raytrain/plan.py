@@ -102,12 +102,13 @@ class RunPlan:
     def refusal(self) -> str:
         m = self.memory
         return (f"does not fit: needs {m.total / GiB:.1f} GiB per rank (model states {m.states / GiB:.1f}, "
-                f"activations {m.activations / GiB:.1f}, logits and loss {m.logits / GiB:.1f} at "
-                f"{self.largest.micro_rows} x {self.largest.length} tokens), {self._device()} "
+                f"activations {m.activations / GiB:.1f}, logits and loss {m.logits / GiB:.1f}"
+                + (f", CPU all-reduce buffers {m.communication / GiB:.1f}" if m.communication else "") + " at "
+                f"{self.largest.micro_rows} x {self.largest.length} tokens), {self.device_phrase()} "
                 f"{self.available / GiB:.1f} GiB; lower train.micro_batch_tokens, set train.loss_chunk_tokens, raise "
                 "deepspeed.zero_stage, set model.activation_checkpointing=true or use more or larger GPUs")
 
-    def _device(self) -> str:
+    def device_phrase(self) -> str:
         if self.accelerator:
             return f"{self.accelerator.name} has {self.accelerator.memory_gib:.1f} GiB ({USABLE:.0%} usable):"
         return "this machine's memory per rank is"
@@ -204,7 +205,7 @@ def describe(plan: RunPlan, mfu: float) -> str:
     m = plan.memory
     verdict = ("memory not checked: name the GPU (--gpu, or accelerator_type:NAME in scaling.resources_per_worker)"
                if plan.available is None else
-               f"{'fits' if plan.fits else 'DOES NOT FIT'}: {plan._device()} {plan.available / GiB:.1f} GiB")
+               f"{'fits' if plan.fits else 'DOES NOT FIT'}: {plan.device_phrase()} {plan.available / GiB:.1f} GiB")
     lines.append(f"memory per rank: {m.total / GiB:.2f} GiB = model states {m.states / GiB:.2f} + activations "
                  f"{m.activations / GiB:.2f} + logits and loss {m.logits / GiB:.2f}"
                  + (f" + CPU all-reduce buffers {m.communication / GiB:.2f}" if m.communication else "") +
