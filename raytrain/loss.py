@@ -40,17 +40,25 @@ def document_positions(inputs: torch.Tensor, eot: int) -> torch.Tensor:
     return index - torch.cummax(starts, dim=1).values
 
 
+def _forward(model, windows: torch.Tensor, eot: int | None, bf16: bool, body: bool = False):
+    """(output, targets): the model's (or with ``body``, its base model's) output on the windows' inputs, under
+    autocast when ``bf16``, with positions restarting at documents when ``eot`` is given."""
+    inputs, targets = split_window(windows)
+    positions = None if eot is None else document_positions(inputs, eot)
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    net = getattr(module, module.base_model_prefix) if body else model
+    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return net(input_ids=inputs, position_ids=positions, use_cache=False), targets
+
+
 def window_logits(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False):
     """(logits (B, L, V), targets (B, L)) of ``model`` on (B, L+1) windows.
 
     ``eot`` given: documents are kept apart (``document_positions``). ``bf16``:
     the forward runs under ``torch.autocast`` (the loss itself is fp32).
     """
-    inputs, targets = split_window(windows)
-    positions = None if eot is None else document_positions(inputs, eot)
-    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
-    return logits, targets
+    out, targets = _forward(model, windows, eot, bf16)
+    return out.logits, targets
 
 
 def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False,
@@ -65,17 +73,17 @@ def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool
     ZeRO-3 gathers parameters inside forward and backward.
     """
     if windows.shape[0] == 0:
-        dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
-        return window_loss(model, dummy, eot, bf16, chunk_tokens) * 0.0
+        return window_loss(model, _one_row(windows), eot, bf16, chunk_tokens) * 0.0
     if not chunk_tokens:
         return token_loss_sum(*window_logits(model, windows, eot, bf16))
-    module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    inputs, targets = split_window(windows)
-    positions = None if eot is None else document_positions(inputs, eot)
+    out, targets = _forward(model, windows, eot, bf16, body=True)
+    head = getattr(model, "module", model).get_output_embeddings()
     with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = getattr(module, module.base_model_prefix)(input_ids=inputs, position_ids=positions,
-                                                           use_cache=False)[0]
-        return chunked_loss_sum(hidden, module.get_output_embeddings(), targets, chunk_tokens)
+        return chunked_loss_sum(out[0], head, targets, chunk_tokens)
+
+
+def _one_row(windows: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
 
 
 def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
@@ -99,8 +107,7 @@ def position_loss_sums(model, windows: torch.Tensor, eot: int | None = None,
     """(loss sum, target count) per position 0..L-1 of the windows, summed over rows (evaluation)."""
     length = windows.shape[1] - 1
     if windows.shape[0] == 0:
-        dummy = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
-        sums, _ = position_loss_sums(model, dummy, eot, bf16)
+        sums, _ = position_loss_sums(model, _one_row(windows), eot, bf16)
         return sums * 0.0, torch.zeros(length, dtype=torch.float64, device=windows.device)
     logits, targets = window_logits(model, windows, eot, bf16)
     losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")

@@ -196,11 +196,10 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     run_dir = run_directory(cfg)
     cfg.run.name = run_dir.name
     check_same_run(run_dir, cfg)
-    accelerator = "cuda" if cfg.scaling.use_gpu else "cpu"
-    os.environ.setdefault("DS_ACCELERATOR", accelerator)
+    worker_vars = worker_env_vars(cfg.scaling.use_gpu, os.environ)
+    os.environ.setdefault("DS_ACCELERATOR", worker_vars["DS_ACCELERATOR"])
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env={"env_vars": worker_vars})
     corpus_dir = prepare(cfg.data, cfg.tokenizer)
     corpus = open_corpus(corpus_dir)
     check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
@@ -212,7 +211,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
                                                      "val_tokens": corpus.val.size}))
     load_tokenizer(cfg.tokenizer).save_pretrained(run_dir / "tokenizer")  # the export's; workers never load one
     env = dict(runtime_env or {})
-    env["env_vars"] = {**worker_env_vars(cfg.scaling.use_gpu, os.environ), **env.get("env_vars", {})}
+    env["env_vars"] = {**worker_vars, **env.get("env_vars", {})}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),

@@ -253,8 +253,9 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
         raise ConfigError([("search", spec.search, "every combination is invalid; see the notes above")])
     base = base_config(spec, base_path)
     if not ray.is_initialized():
+        from raytrain.train import worker_env_vars
         ray.init(address=os.environ.get("RAY_ADDRESS"),
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if base.scaling.use_gpu else "cpu"}})
+                 runtime_env={"env_vars": worker_env_vars(base.scaling.use_gpu, os.environ)})
     from raytrain.prepare import prepare
     prepare(base.data, base.tokenizer)  # once, before the trials (which share it unless they search data keys)
     total = base.train.max_steps * base.train.tokens_per_step if spec.scheduler.time_attr == "tokens" else None

@@ -95,6 +95,9 @@ def files(tmp_path_factory, tokenizer):
 N = os.cpu_count() + 1
 # (arguments after `raytrain`, [(key, value, part of the fix)]): every listed problem must be reported.
 CASES = {
+    "chunked loss at ZeRO-3": (["train.loss_chunk_tokens=64", "deepspeed.zero_stage=3", "run.loggers=[nope]"],
+                               [("train.loss_chunk_tokens", 64, "not with deepspeed.zero_stage 3"),
+                                ("run.loggers.0", "nope", "Input should be 'tensorboard', 'mlflow' or 'wandb'")]),
     "min above max": (["lengths.min=512"], [("lengths.min", 512, "must be <= lengths.max (256)")]),
     "max above positions": (["lengths.max=2048", "train.tokens_per_step=4096"],
                             [("lengths.max", 2048, "exceeds the model's 1024 positions")]),

@@ -110,3 +110,24 @@ def test_one_rank_runs_zero_0_because_zero_over_one_rank_partitions_nothing():
     assert deepspeed_config(cfg.deepspeed, cfg.train, 2)["zero_optimization"] == {"stage": 3}
     one = plan_run(load_config(None, ["scaling.num_workers=1"], environment=False), with_time=False)
     assert one.memory.states == 16 * one.params  # plain AdamW: weights, gradients, two moments, no master copy
+
+
+def test_plan_refuses_an_unknown_gpu_and_an_unreadable_tokenizer_naming_the_fix(capsys):
+    from raytrain.cli import main
+    assert main(["plan", "--gpu", "T4"]) == 2
+    assert "--gpu = 'T4': not a known GPU; one of ['A100', 'A100-40G', 'A100-80G', 'A10G'" in capsys.readouterr().err
+    assert main(["plan", "-c", str(GPU_CONFIGS[0])]) == 2  # its tokenizer lives on the cluster's volume
+    err = capsys.readouterr().err
+    assert "tokenizer = '/mnt/shared/tokenizers/gpt2': cannot be read here" in err and "--vocab N" in err
+
+
+def test_generate_refuses_bad_options_all_at_once_and_a_directory_without_a_model(tmp_path, capsys):
+    from raytrain.cli import main
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "MODEL_DIR = '" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["generate", str(tmp_path), "--prompt", "x", "--max-new-tokens", "0", "--temperature", "-1",
+                 "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens = 0: must be at least 1" in err and "--temperature = -1.0: must be 0 (greedy) or more" \
+        in err and "--top-p = 1.5: must be in (0, 1]" in err
