@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raytrain.attention import document_spans
+
 IGNORE_INDEX = -100
 
 
@@ -32,8 +34,9 @@ def count_targets(windows) -> int:
 def document_positions(inputs: torch.Tensor, eot: int) -> torch.Tensor:
     """Position ids that restart at 0 at every end-of-text token, which opens the next document.
 
-    transformers reads restarting positions as packed sequences and blocks
-    attention across them, so no target sees another document's tokens.
+    Restarting positions tell the model where documents start: ``raytrain.attention``
+    (and transformers' own masks, for a model not switched to it) keep attention
+    within each document, so no target sees another document's tokens.
     """
     index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
     starts = torch.where(inputs == eot, index, torch.zeros_like(index))
@@ -45,10 +48,11 @@ def _forward(model, windows: torch.Tensor, eot: int | None, bf16: bool, body: bo
     autocast when ``bf16``, with positions restarting at documents when ``eot`` is given."""
     inputs, targets = split_window(windows)
     positions = None if eot is None else document_positions(inputs, eot)
+    spans = {} if eot is None else document_spans(positions)  # read by raytrain.attention; SDPA builds a mask
     module = getattr(model, "module", model)  # a DeepSpeed engine's model
     net = getattr(module, module.base_model_prefix) if body else model
     with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return net(input_ids=inputs, position_ids=positions, use_cache=False), targets
+        return net(input_ids=inputs, position_ids=positions, use_cache=False, **spans), targets
 
 
 def window_logits(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False):

@@ -5,7 +5,7 @@ Model states follow DeepSpeed's own estimators (``estimate_zero2/3_model_states
 _mem_needs``), corrected for what raytrain keeps: fp32 working weights at every
 precision (DeepSpeed's figures assume 16-bit weights beside an fp32 master) and
 fp32 gradients only. Activations count what autograd keeps per token and layer
-of a Llama block, the document mask, and the logits with their fp32 loss
+of a Llama block and the logits with their fp32 loss
 copies. The model is built on the meta device: exact parameter counts, no memory.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def model_state_bytes(stage: int, params: int, largest_layer: int, world: int) -
     return zero2 + (4 * params - 4 * params // world if stage == 1 else 0)
 
 
-def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool, masked: bool,
+def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool,
                      loss_chunk: Optional[int] = None) -> tuple[int, int]:
     """(block activations, logits and loss) bytes for one micro-batch's forward and backward.
 
@@ -68,15 +68,16 @@ def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool
     fp32 + 8 hidden + 4 intermediate values. Recompute keeps only each block's
     input plus one block's set. The loss keeps the logits, their fp32 copy and
     log-softmax, and the gradient (fp32), for the whole micro-batch or, with
-    ``loss_chunk``, for one chunk of positions at a time. A document mask is one byte per
-    query-key pair per row; autocast caches a 16-bit copy of every weight.
+    ``loss_chunk``, for one chunk of positions at a time. Keeping documents apart
+    adds nothing (``raytrain.attention`` builds no mask); autocast caches a 16-bit
+    copy of every weight.
     """
     width = 2 if bf16 else 4
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     per_layer = 2 * 4 * hidden + width * (8 * hidden + 4 * inner)
     tokens = rows * length
     kept = (4 * hidden * layers + per_layer) if recompute else per_layer * layers
-    blocks = tokens * (kept + 4 * hidden) + (rows * length * length if masked else 0)
+    blocks = tokens * (kept + 4 * hidden)
     logits = min(tokens, loss_chunk or tokens) * config.vocab_size * (12 + (width if bf16 else 0))
     return blocks, logits
 
@@ -163,7 +164,7 @@ def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None
     bf16 = cfg.bf16
     # the probe and every step at a length: the largest of (block activations + logits) over the lengths
     peak = max((activation_bytes(model.config, s.micro_rows, s.length, bf16, cfg.model.activation_checkpointing,
-                                 not cfg.data.cross_documents, train.loss_chunk_tokens) for s in shapes), key=sum)
+                                 train.loss_chunk_tokens) for s in shapes), key=sum)
     cast = 2 * params if bf16 else 0
     from raytrain.engine import zero_stage
     memory = Memory(model_state_bytes(zero_stage(cfg.deepspeed.zero_stage, world), params, largest_layer, world),

@@ -133,6 +133,7 @@ def setup_worker(cfg: Config, corpus_dir: str):
     import ray.train
     import torch
 
+    from raytrain.attention import use_document_attention
     from raytrain.data import open_corpus
     from raytrain.model import build_model
     from raytrain.recipe import mark_memory_baseline
@@ -146,6 +147,8 @@ def setup_worker(cfg: Config, corpus_dir: str):
         build_comm_op(say if rank == 0 else lambda line: None)
     mark_memory_baseline()
     model = build_model(cfg.model, corpus.index["vocab_size"], corpus.index["eot"])
+    if not cfg.data.cross_documents:
+        use_document_attention(model)  # documents kept apart without an L x L mask
     engine = init_engine(model, deepspeed_config(cfg.deepspeed, cfg.train, world))
     stage = engine.zero_optimization_stage()
     note = "" if stage == cfg.deepspeed.zero_stage else \

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raytrain.data import TokenStream, random_offsets
-from raytrain.loss import count_targets, token_loss_sum, window_loss
+from raytrain.loss import count_targets, token_loss_sum, window_logits, window_loss
 from raytrain.recipe import StepPlan
 
 
@@ -110,6 +112,51 @@ def test_documents_do_not_see_each_other_when_kept_apart():
     torch.testing.assert_close(logits(first, True), model(input_ids=alone).logits[0], rtol=0, atol=1e-5)
     windows = torch.cat([first, other])
     assert window_loss(model, windows, eot).item() > 0
+
+
+def test_document_spans_are_the_flattened_documents():
+    from raytrain.attention import document_spans
+    from raytrain.loss import document_positions
+    eot = 9
+    inputs = torch.tensor([[1, 2, eot, 3, eot, eot], [4, 5, 6, 7, 8, 1]])
+    spans = document_spans(document_positions(inputs, eot))
+    assert spans["cu_seq_lens_q"].tolist() == [0, 2, 4, 5, 6, 12] and spans["cu_seq_lens_q"].dtype == torch.int32
+    assert spans["max_length_q"] == 6 and spans["cu_seq_lens_k"] is spans["cu_seq_lens_q"]
+
+
+@pytest.mark.parametrize("kv_heads, most_rows_split", [(4, False), (2, True)])
+def test_document_attention_equals_the_masked_path_without_a_mask(kv_heads, most_rows_split):
+    """Logits and gradients of ``raytrain.attention`` against transformers' SDPA with its (rows, 1, L, L) packed mask
+    (fp32, 1e-5), on rows of one document, of several, starting mid-document, and grouped-query heads."""
+    from raytrain.attention import use_document_attention
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    masked = LlamaForCausalLM(config)
+    apart = LlamaForCausalLM(copy.deepcopy(config))  # a model's attention is its config's
+    apart.load_state_dict(masked.state_dict())
+    use_document_attention(apart)
+    eot, length = 256, 48
+    windows = torch.randint(0, 256, (5, length + 1), generator=torch.Generator().manual_seed(3))
+    windows[1, [5, 6, 30]] = eot  # an empty document between two ends
+    windows[2, [1, 47]] = eot
+    windows[3, 0] = eot  # a row that opens with a new document
+    if most_rows_split:  # the other way of grouping rows (raytrain.attention picks by how many rows are split)
+        windows[[0, 4], 20] = eot
+    masks = {id(masked): [], id(apart): []}  # the attention_mask each model's layers receive
+    for model in (masked, apart):
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_pre_hook(
+                lambda m, args, kw, seen=masks[id(model)]: seen.append(kw["attention_mask"]), with_kwargs=True)
+    logits = [window_logits(m, windows, eot)[0] for m in (masked, apart)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+    for model in (masked, apart):
+        window_loss(model, windows, eot).backward()
+    torch.testing.assert_close(grads(apart), grads(masked), rtol=0, atol=1e-5)
+    assert all(m.shape == (5, 1, length, length) for m in masks[id(masked)])  # what no longer exists
+    assert len(masks[id(apart)]) == 4 and all(m is None for m in masks[id(apart)])
+    # without documents to keep apart the same model is plain causal SDPA
+    torch.testing.assert_close(window_logits(apart, windows)[0], window_logits(masked, windows)[0], rtol=0, atol=1e-5)
 
 
 def test_weight_decay_only_on_linear_weight_matrices():
