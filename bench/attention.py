@@ -61,7 +61,8 @@ def main() -> None:
         use_document_attention(apart)
         print(f"\nbuilt-in model and corpus, 2 CPU threads, {args.tokens:,} tokens per micro-batch, forward + "
               f"backward, median of {args.repeats}\n")
-        print("| length | documents from | rows | documents | masked SDPA s | document attention s | ratio | mask MiB |")
+        print("| length | documents from | rows | documents | masked SDPA s | document attention s | ratio "
+              "| mask MiB |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|")
         for length in args.lengths:
             rows = max(1, args.tokens // length)

@@ -16,7 +16,6 @@ import os
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 GROUPS = ("gcs_server", "raylet", "dashboard/agent", "dashboard.py", "log_monitor", "monitor.py", "runtime_env")
@@ -99,8 +98,8 @@ def main() -> None:
         for log_every in args.log_every:
             rate, window, by_group = measure(log_every, args.steps, args.first, args.last, tmp)
             others = sum(s for name, s in by_group.items() if name != "training worker")
-            print(f"\ntrain.log_every={log_every}: {rate:,.0f} tokens/s; steps {args.first}-{args.last}, {window:.1f} s; "
-                  f"everything but the worker: {others / window:.1%} of one core\n")
+            print(f"\ntrain.log_every={log_every}: {rate:,.0f} tokens/s; steps {args.first}-{args.last}, "
+                  f"{window:.1f} s; everything but the worker: {others / window:.1%} of one core\n")
             print("| process | CPU s | share of one core |\n|---|---:|---:|")
             for name, seconds in sorted(by_group.items(), key=lambda item: -item[1]):
                 if seconds / window >= 0.002:

@@ -7,10 +7,10 @@ spans of the flattened (rows x L) tokens instead (every row starts one, every
 end-of-text token opens the next), given once per forward as cumulative
 lengths, the varlen convention of FlashAttention-2:
 
-- CUDA in bf16/fp16 without attention dropout: one call to PyTorch's
-  ``varlen_attn`` (FlashAttention-2's varlen kernel, shipped with PyTorch): no
-  mask, no cross-document block computed;
-- elsewhere (CPU, fp32, dropout): transformers' SDPA attention, causal, in one
+- CUDA (Ampere or newer) in bf16/fp16 without attention dropout: one call to
+  PyTorch's ``varlen_attn`` (FlashAttention-2's varlen kernel, shipped with
+  PyTorch): no mask, no cross-document block computed;
+- elsewhere (CPU, fp32, older GPUs, dropout): transformers' SDPA attention, causal, in one
   call for the rows that hold a single document and once per document of the
   others: the same result without a mask (``bench/attention.py`` times it).
 
@@ -42,9 +42,9 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
     if cu_seq_lens_q is None:  # no documents to keep apart: plain causal SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows, heads, length, dim = query.shape
-    if query.is_cuda and not dropout and _half_precision(query) is not None:
-        from torch.nn.attention.varlen import varlen_attn
-        half = _half_precision(query)
+    half = _half_precision(query)
+    if half is not None and not dropout and query.is_cuda and torch.cuda.get_device_capability(query.device) >= (8, 0):
+        from torch.nn.attention.varlen import varlen_attn  # FlashAttention-2: Ampere (sm80) and newer
         q, k, v = (t.transpose(1, 2).reshape(rows * length, t.shape[1], dim).to(half) for t in (query, key, value))
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q,
                           window_size=(-1, 0), scale=scaling, enable_gqa=k.shape[1] != heads)  # (-1, 0): causal

@@ -46,7 +46,7 @@ class DataConfig(Section):
     windows: Literal["random", "sequential"] = "random"
     """random: window starts drawn per step; sequential: consecutive windows, each token a target once per epoch."""
     cross_documents: bool = True
-    """false: no target is predicted from another document's context (attention blocked and positions restarted at each end-of-text token)."""
+    """false: no target is predicted from another document's context (positions restart at each end-of-text token and attention stays within each document, without an L x L mask)."""
     shard_bytes: Optional[int] = Field(None, ge=1)
     """Input bytes each raytrain prepare task reads into one token shard: the unit of parallelism and of resuming; null: a 16th of the corpus, between 16 MiB and 256 MiB (the token stream is the same for any value)."""
     cache_dir: str = "~/.cache/raytrain"
