@@ -93,3 +93,6 @@ def use_document_attention(model) -> None:
     AttentionInterface.register(ATTENTION, document_attention)
     AttentionMaskInterface.register(ATTENTION, flash_attention_mask)  # no padding here, so it builds no mask
     model.set_attn_implementation(ATTENTION)
+    if model.config._attn_implementation != ATTENTION:  # transformers only warns; config validation refuses first
+        raise ValueError(f"{type(model).__name__} does not use transformers' AttentionInterface: documents cannot "
+                         "be kept apart in it (set data.cross_documents: true)")

@@ -326,6 +326,8 @@ def _environment_problems(s: dict) -> list[Problem]:
                                             "token stream; use a tokenizer that defines one"))
     if model.pretrained is not None:
         problems += _pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
+        if not data.cross_documents:
+            problems += _document_attention_problems(model.pretrained)
     from raytrain.trackers import EXTRA, missing_trackers
     for name in missing_trackers(run.loggers):
         problems.append(("run.loggers", name, f"the {name} library is not installed: {EXTRA}"))
@@ -349,6 +351,24 @@ def _pretrained_problems(directory: str, lengths: Lengths, ev: EvalConfig, token
         problems.append(("tokenizer", spec, f"has {len(tokenizer)} tokens but model.pretrained embeds only "
                                             f"{vocab}; use the model's own tokenizer"))
     return problems
+
+
+def _document_attention_problems(directory: str) -> list[Problem]:
+    """Documents are kept apart by raytrain's attention function, which a model runs only if it routes attention
+    through transformers' AttentionInterface (Bloom, Falcon, GPT-Neo, MPT, ... do not: they would silently
+    attend across documents)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(Path(directory).expanduser(), local_files_only=True)
+        architecture = AutoModelForCausalLM._model_mapping[type(config)]
+    except (OSError, ValueError, KeyError) as err:  # the reading problems themselves are _pretrained_problems'
+        return [] if isinstance(err, OSError) else \
+            [("model.pretrained", directory, f"is not a causal language model transformers knows: {err}")]
+    if architecture._can_set_attn_implementation():
+        return []
+    return [("data.cross_documents", False, f"{architecture.__name__} (model.pretrained) does not route attention "
+             "through transformers' AttentionInterface, so documents cannot be kept apart in it; set "
+             "data.cross_documents: true, or use a model that does (Llama, Mistral, Qwen2, GPT-2, ...)")]
 
 
 def _writable_problems(key: str, value: str) -> list[Problem]:

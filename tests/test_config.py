@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BloomConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from raytrain.cli import main
 from raytrain.config import ConfigError, load_config, reference
@@ -71,6 +71,7 @@ def files(tmp_path_factory, tokenizer):
     llama = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2)
     LlamaForCausalLM(llama).save_pretrained(root / "small-vocab")
+    BloomConfig(vocab_size=300, hidden_size=16, n_layer=1, n_head=2).save_pretrained(root / "bloom")  # its config
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     no_eos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]")))
@@ -152,6 +153,11 @@ CASES = {
     "GPT-2 positions": (["model.pretrained={root}/gpt2-256", "lengths.max=512"],
                         [("lengths.max", 512, "exceeds the model's 256 positions; lower it or use a model with more"),
                          ("eval.lengths", 512, "exceeds the model's 256 positions")]),
+    "documents apart in a model without the attention interface": (
+        ["model.pretrained={root}/bloom", "data.cross_documents=false"],
+        [("data.cross_documents", False, "BloomForCausalLM (model.pretrained) does not route attention through "
+                                         "transformers' AttentionInterface, so documents cannot be kept apart in "
+                                         "it; set data.cross_documents: true")]),
     "vocabulary too small": (["model.pretrained={root}/small-vocab"],
                              [("tokenizer", "bytes", "has 257 tokens but model.pretrained embeds only 100")]),
     "run.dir under a file": (["run.dir={root}/a-file/runs"], [("run.dir", "{root}/a-file/runs", "is a file, not a "

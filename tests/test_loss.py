@@ -159,6 +159,15 @@ def test_document_attention_equals_the_masked_path_without_a_mask(kv_heads, most
     torch.testing.assert_close(window_logits(apart, windows)[0], window_logits(masked, windows)[0], rtol=0, atol=1e-5)
 
 
+def test_document_attention_refuses_a_model_that_would_ignore_it():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from raytrain.attention import use_document_attention
+    model = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="BloomForCausalLM does not use transformers' AttentionInterface"):
+        use_document_attention(model)
+
+
 def test_weight_decay_only_on_linear_weight_matrices():
     from raytrain.config import load_config
     from raytrain.engine import param_groups
