@@ -10,9 +10,10 @@ lengths, the varlen convention of FlashAttention-2:
 - CUDA (Ampere or newer) in bf16/fp16 without attention dropout: one call to
   PyTorch's ``varlen_attn`` (FlashAttention-2's varlen kernel, shipped with
   PyTorch): no mask, no cross-document block computed;
-- elsewhere (CPU, fp32, older GPUs, dropout): transformers' SDPA attention, causal, in one
-  call for the rows that hold a single document and once per document of the
-  others: the same result without a mask (``bench/attention.py`` times it).
+- elsewhere (CPU, fp32, older GPUs, dropout): transformers' SDPA attention,
+  causal, in one call for the rows that hold a single document and once per
+  document of the others: the same result without a mask (``bench/attention.py``
+  times it).
 
 Registered with transformers as ``ATTENTION`` (its mask function builds no
 mask); without spans (generation, ``cross_documents: true``) it is SDPA.

@@ -325,8 +325,9 @@ def _environment_problems(s: dict) -> list[Problem]:
         problems.append(("tokenizer", spec, "has no end-of-text (eos) token, which separates documents in the "
                                             "token stream; use a tokenizer that defines one"))
     if model.pretrained is not None:
-        problems += _pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
-        if not data.cross_documents:
+        pretrained = _pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
+        problems += pretrained
+        if not data.cross_documents and not any(key == "model.pretrained" for key, _, _ in pretrained):
             problems += _document_attention_problems(model.pretrained)
     from raytrain.trackers import EXTRA, missing_trackers
     for name in missing_trackers(run.loggers):
@@ -361,9 +362,8 @@ def _document_attention_problems(directory: str) -> list[Problem]:
     try:
         config = AutoConfig.from_pretrained(Path(directory).expanduser(), local_files_only=True)
         architecture = AutoModelForCausalLM._model_mapping[type(config)]
-    except (OSError, ValueError, KeyError) as err:  # the reading problems themselves are _pretrained_problems'
-        return [] if isinstance(err, OSError) else \
-            [("model.pretrained", directory, f"is not a causal language model transformers knows: {err}")]
+    except (OSError, ValueError, KeyError) as err:
+        return [("model.pretrained", directory, f"is not a causal language model transformers knows: {err}")]
     if architecture._can_set_attn_implementation():
         return []
     return [("data.cross_documents", False, f"{architecture.__name__} (model.pretrained) does not route attention "
