@@ -50,12 +50,11 @@ def cpu_seconds() -> dict[int, tuple[str | None, float]]:
 
 def measure(log_every: int, steps: int, first: int, last: int, tmp: str) -> tuple[float, float, dict[str, float]]:
     """(tokens/s over the window, window seconds, CPU seconds per group over the window)."""
+    from throughput import logged_rate, run_keys  # the same runs as bench/throughput.py's 1 x 2 layout
+
     from raytrain.config import load_config
     from raytrain.train import fit, run_directory
-    cfg = load_config(None, [
-        "lengths.schedule=fixed", "lengths.max=256", "lengths.min=32", "train.tokens_per_step=8192",
-        f"train.max_steps={steps}", f"train.log_every={log_every}", f"eval.every={steps}", "eval.tokens=2048",
-        "eval.lengths=[256]", f"run.checkpoint_every={steps}", f"run.dir={tmp}", f"data.cache_dir={tmp}/cache",
+    cfg = load_config(None, run_keys(256, 8192, steps, log_every, tmp) + [
         "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"run.name=log{log_every}"])
     metrics, marks, done = run_directory(cfg) / "metrics.jsonl", {}, threading.Event()
 
@@ -76,10 +75,7 @@ def measure(log_every: int, steps: int, first: int, last: int, tmp: str) -> tupl
     by_group: dict[str, float] = {}
     for pid, (name, seconds) in after.items():
         by_group[name] = by_group.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    timed = [r for r in records if first < r["step"] <= last]
-    start_tokens = next(r["tokens"] for r in records if r["step"] == first)
-    rate = (timed[-1]["tokens"] - start_tokens) / sum(r["interval_s"] for r in timed)
+    rate = logged_rate(metrics, first, last)
     return rate, end - start, by_group
 
 

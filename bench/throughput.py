@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 THREADS = 2  # this machine's cores; every loop below uses exactly this many
@@ -63,14 +64,27 @@ def bare_loop(cfg, steps: int, skip: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def run_keys(length: int, tokens_per_step: int, steps: int, log_every: int, tmp: str) -> list[str]:
+    """The raytrain runs' keys (layout aside): a fixed length, one evaluation and one checkpoint, at the end."""
+    return ["lengths.schedule=fixed", f"lengths.max={length}", f"lengths.min={min(32, length)}",
+            f"train.tokens_per_step={tokens_per_step}", f"train.max_steps={steps}", f"train.log_every={log_every}",
+            f"eval.every={steps}", "eval.tokens=2048", f"eval.lengths=[{length}]", f"run.checkpoint_every={steps}",
+            f"run.dir={tmp}", f"data.cache_dir={tmp}/cache"]
+
+
+def logged_rate(metrics: Path, after: int, upto: int | None = None) -> float:
+    """tokens/s from a run's metrics.jsonl over steps ``after`` + 1 to ``upto`` (both ends at log records)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    timed = [r for r in records if r["step"] > after and (upto is None or r["step"] <= upto)]
+    tokens = timed[-1]["tokens"] - next(r["tokens"] for r in records if r["step"] == after)
+    return tokens / sum(r["interval_s"] for r in timed)
+
+
 def raytrain_loop(cfg, skip: int) -> float:
     """tokens/s from raytrain's own metrics.jsonl over the steps after ``skip`` (a multiple of log_every)."""
     from raytrain.train import fit, run_directory
     fit(cfg)
-    records = [json.loads(line) for line in (run_directory(cfg) / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if r["step"] > skip]
-    tokens = timed[-1]["tokens"] - next(r["tokens"] for r in records if r["step"] == skip)
-    return tokens / sum(r["interval_s"] for r in timed)
+    return logged_rate(run_directory(cfg) / "metrics.jsonl", skip)
 
 
 def main() -> None:
@@ -91,11 +105,7 @@ def main() -> None:
     ray.init(num_cpus=THREADS, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        common = ["lengths.schedule=fixed", f"lengths.max={args.length}", f"lengths.min={min(32, args.length)}",
-                  f"train.tokens_per_step={args.tokens_per_step}", f"train.max_steps={args.steps}",
-                  f"train.log_every={args.log_every}", f"eval.every={args.steps}", "eval.tokens=2048",
-                  f"eval.lengths=[{args.length}]",
-                  f"run.checkpoint_every={args.steps}", f"run.dir={tmp}", f"data.cache_dir={tmp}/cache"]
+        common = run_keys(args.length, args.tokens_per_step, args.steps, args.log_every, tmp)
         layouts = {"raytrain, 2 workers x 1 CPU": ["scaling.num_workers=2", "scaling.cpus_per_worker=1"],
                    "raytrain, 1 worker x 2 CPUs": ["scaling.num_workers=1", "scaling.cpus_per_worker=2"]}
         cfg = load_config(None, common + layouts["raytrain, 1 worker x 2 CPUs"] + ["run.name=warm"])
