@@ -3,9 +3,9 @@
 ``raytrain prepare`` (``prepare.py``) writes shards and ``index.json``; here the
 train and validation shards are memory-mapped and read as one stream each, so a
 window may cross a shard boundary exactly as it would cross a document's end.
-A step's batch is ``rows`` windows of ``L + 1`` tokens: inputs are the first
-``L``, targets the last ``L``. Nothing is padded. Workers only open the stream;
-they never tokenize.
+A step's batch is ``rows`` windows of ``L + 1`` tokens (where they start is the
+step plan's: ``steps``): inputs are the first ``L``, targets the last ``L``.
+Nothing is padded. Workers only open the stream; they never tokenize.
 """
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raytrain.lengths import step_rng
 from raytrain.section import ConfigError
-
-WINDOW_STREAM = 2  # step_rng stream for window offsets (lengths use stream 1)
 
 
 class TokenStream:
@@ -82,12 +79,6 @@ def open_corpus(directory: Path, cache_dir: str = "") -> Corpus:
     return Corpus(train=stream("train"), val=stream("val"), directory=directory, index=index)
 
 
-def open_prepared(data, tokenizer_spec: str, say=print) -> Corpus:
-    """Prepare the corpus of ``data`` if it is not yet (Ray Data), then open it."""
-    from raytrain.prepare import prepare
-    return open_corpus(prepare(data, tokenizer_spec, say), data.cache_dir)
-
-
 def check_corpus(corpus: Corpus, longest_train: int, eval_lengths: list[int]) -> None:
     """Every split must hold at least one window of each length it is used at."""
     problems = []
@@ -102,64 +93,3 @@ def check_corpus(corpus: Corpus, longest_train: int, eval_lengths: list[int]) ->
                              f"{length + 1}; add data, raise data.val_fraction or lower the length"))
     if problems:
         raise ConfigError(problems)
-
-
-# --- where windows start ------------------------------------------------------
-
-def random_offsets(n_tokens: int, seed: int, step: int, length: int, rows: int) -> np.ndarray:
-    """Uniformly random window starts: a pure function of (seed, step, length, rows)."""
-    return step_rng(seed, step, WINDOW_STREAM).integers(0, n_tokens - length, size=rows)
-
-
-class SequentialOffsets:
-    """Consecutive windows through the stream, whatever each step's L: every token is a target once per epoch.
-
-    A window that would cross the end of the stream starts the next epoch at 0
-    instead (the < L tokens left at the end of an epoch are skipped). The
-    cursor before each step is a pure function of the earlier steps' lengths,
-    computed once and memoized, so a resumed run continues where it left off.
-    """
-
-    def __init__(self, n_tokens: int, schedule, tokens_per_step: int):
-        self.n_tokens, self.schedule, self.tokens_per_step = n_tokens, schedule, tokens_per_step
-        self.cursor = [0]  # start of the next window before step i
-
-    def _lay(self, start: int, length: int, rows: int) -> tuple[np.ndarray, int]:
-        offsets, cursor = [], start
-        for _ in range(rows):
-            if cursor + length >= self.n_tokens:  # the window's last token would be past the end
-                cursor = 0
-            offsets.append(cursor)
-            cursor += length  # the next window's first input is this one's last target
-        return np.asarray(offsets, dtype=np.int64), cursor
-
-    def __call__(self, step: int, length: int, rows: int) -> np.ndarray:
-        while len(self.cursor) <= step:
-            i = len(self.cursor) - 1
-            n = self.schedule(i)
-            self.cursor.append(self._lay(self.cursor[i], n, self.tokens_per_step // n)[1])
-        return self._lay(self.cursor[step], length, rows)[0]
-
-
-def window_offsets(mode: str, n_tokens: int, seed: int, schedule, tokens_per_step: int):
-    """``offsets(step, length, rows)`` for ``data.windows``: the global batch's window starts."""
-    if mode == "sequential":
-        return SequentialOffsets(n_tokens, schedule, tokens_per_step)
-    return lambda step, length, rows: random_offsets(n_tokens, seed, step, length, rows)
-
-
-def eval_offsets(n_tokens: int, length: int, tokens: int) -> np.ndarray:
-    """Deterministic non-overlapping windows of the validation split: no target is scored twice."""
-    rows = min(max(1, tokens // length), (n_tokens - 1) // length)
-    return np.arange(rows) * length
-
-
-def shard(rows: int, rank: int, world: int) -> slice:
-    """This rank's contiguous share of ``rows`` (shares differ by at most one row)."""
-    return slice(rank * rows // world, (rank + 1) * rows // world)
-
-
-def micro_batches(rows: int, world: int, rows_per_micro: int) -> int:
-    """Micro-batches per rank for a step; the same on every rank so collective calls stay in step."""
-    most = -(-rows // world)  # the largest rank share
-    return -(-most // rows_per_micro)

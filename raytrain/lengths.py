@@ -4,7 +4,8 @@ A schedule depends only on its config, the run seed and the step, so every rank
 and every restart agrees on the length of every step without communicating.
 
 Each schedule is a typed section: the keys every schedule reads (``Lengths``)
-plus its own, and ``lengths.schedule`` picks which. A key the chosen schedule does
+plus its own, and ``lengths.schedule`` picks which. The clock a schedule runs on
+(steps, or tokens seen) is the step plan's (``steps.build_schedule``). A key the chosen schedule does
 not read is refused (``config`` names the schedules that read it). Each one's
 ``length_at(seed, total_steps)`` returns ``f(step, t) -> L``: ``step`` seeds the
 random draws, ``t`` is the schedule's clock in steps (``step`` itself, or with
@@ -20,7 +21,6 @@ from pydantic import Field
 
 from raytrain.section import Problem, Section
 
-Schedule = Callable[[int], int]
 LENGTH_STREAM = 1  # step_rng stream for length draws (windows use another)
 
 
@@ -70,40 +70,14 @@ def readers(key: str) -> list[str]:
     return sorted(name for name, cls in SCHEDULES.items() if key in cls.model_fields)
 
 
-def build_schedule(cfg, seed: int = 0, total_steps: int = 1000, tokens_per_step: int | None = None) -> Schedule:
-    """Return ``schedule(step) -> int`` for a lengths section (a schedule's model or a dict of its keys).
-
-    ``total_steps`` is the run's length (pow2 spreads its sweep over it);
-    ``tokens_per_step`` drives the clock when ``cfg.by == "tokens"``.
-    """
-    if isinstance(cfg, dict):
-        name = cfg.get("schedule", "uniform")
-        if name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-        cfg = SCHEDULES[name].model_validate(cfg)
-    length_at = cfg.length_at(seed, total_steps)
-    if cfg.by == "tokens":
-        return TokenClock(length_at, tokens_per_step or cfg.max)
-    return lambda step: length_at(step, step)
-
-
-class TokenClock:
-    """Runs a schedule on tokens seen: t = tokens before the step / tokens_per_step.
-
-    With constant-token batches this differs from the step clock only by the
-    rounding of ``tokens_per_step // L``; tokens seen are themselves a pure
-    function of the earlier steps' lengths, computed once and memoized.
-    """
-
-    def __init__(self, length_at, tokens_per_step: int):
-        self.length_at, self.tokens_per_step, self.seen = length_at, tokens_per_step, [0]
-
-    def __call__(self, step: int) -> int:
-        while len(self.seen) <= step:
-            i = len(self.seen) - 1
-            length = self.length_at(i, self.seen[i] / self.tokens_per_step)
-            self.seen.append(self.seen[i] + self.tokens_per_step // length * length)
-        return self.length_at(step, self.seen[step] / self.tokens_per_step)
+def schedule_model(cfg) -> Lengths:
+    """A lengths section as its schedule's model (from the model itself or a dict of its keys)."""
+    if not isinstance(cfg, dict):
+        return cfg
+    name = cfg.get("schedule", "uniform")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name].model_validate(cfg)
 
 
 def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
@@ -145,7 +119,7 @@ class Fixed(Lengths):
 class Warmup(Lengths):
     """The schedules that grow toward ``max`` over ``warmup_steps``."""
     warmup_steps: int = Field(0, ge=0)
-    """uniform: steps over which the upper bound grows from min to max (0: none); linear/root: steps to grow from min to max."""
+    """Steps over which the length (linear, root) or uniform's upper bound grows from min to max."""
 
 
 @register

@@ -33,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 
+from raytrain.data import Corpus, open_corpus
 from raytrain.section import ConfigError
 from raytrain.sources import Counts, Part, documents, list_files, parts
 from raytrain.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -298,3 +299,8 @@ def write_index(metas: list[dict], directory: Path, data, tokenizer_spec: str, t
         "replaced_characters": sum(m["replaced"] for m in metas), "train": train, "val": val}
     (directory / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+def open_prepared(data, tokenizer_spec: str, say=print) -> Corpus:
+    """Prepare the corpus of ``data`` if it is not yet (Ray Data), then open it."""
+    return open_corpus(prepare(data, tokenizer_spec, say), data.cache_dir)

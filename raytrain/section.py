@@ -14,7 +14,9 @@ Problem = tuple[str, Any, str]  # (key, value, fix)
 
 class Section(BaseModel):
     """Typed keys, each documented by the docstring under it (the CLI's --help and the README's reference)."""
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # allow_inf_nan=False: a float key given nan or inf is refused like any other bad value (pydantic accepts
+    # them by default, and a learning rate of nan would start training)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ConfigError(ValueError):

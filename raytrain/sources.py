@@ -35,8 +35,9 @@ class Part:
 
 
 def _filesystem(path: str):
-    import pyarrow.fs as pafs
     from pathlib import Path
+
+    import pyarrow.fs as pafs
     if "://" not in path:
         path = str(Path(path).expanduser().absolute())
     return pafs.FileSystem.from_uri(path)

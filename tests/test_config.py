@@ -6,11 +6,21 @@ import sys
 
 import pytest
 import yaml
-from transformers import BloomConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BloomConfig,
+    Gemma2Config,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GptOssConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from raytrain.cli import main
-from raytrain.config import ConfigError, load_config, reference
+from raytrain.config import reference
 from raytrain.lengths import SCHEDULES
+from raytrain.loading import load_config
+from raytrain.section import ConfigError
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
@@ -43,7 +53,7 @@ def test_help_documents_every_key(capsys):
     out = capsys.readouterr().out
     for line in reference().splitlines():
         assert line.split(" (")[0] in out
-    for name, cls in SCHEDULES.items():
+    for cls in SCHEDULES.values():
         for key in cls.model_fields:
             assert f"lengths.{key} (" in out
 
@@ -72,6 +82,10 @@ def files(tmp_path_factory, tokenizer):
                         num_attention_heads=2, num_key_value_heads=2)
     LlamaForCausalLM(llama).save_pretrained(root / "small-vocab")
     BloomConfig(vocab_size=300, hidden_size=16, n_layer=1, n_head=2).save_pretrained(root / "bloom")  # its config
+    attention = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    Gemma2Config(**attention).save_pretrained(root / "gemma2")  # attention-logit soft-capping
+    GptOssConfig(**attention, num_local_experts=2, num_experts_per_tok=1).save_pretrained(root / "gpt-oss")  # sinks
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     no_eos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]")))
@@ -96,9 +110,27 @@ def files(tmp_path_factory, tokenizer):
 N = os.cpu_count() + 1
 # (arguments after `raytrain`, [(key, value, part of the fix)]): every listed problem must be reported.
 CASES = {
-    "chunked loss at ZeRO-3": (["train.loss_chunk_tokens=64", "deepspeed.zero_stage=3", "run.loggers=[nope]"],
-                               [("train.loss_chunk_tokens", 64, "not with deepspeed.zero_stage 3"),
-                                ("run.loggers.0", "nope", "Input should be 'tensorboard', 'mlflow' or 'wandb'")]),
+    "unknown tracker": (["run.loggers=[nope]"],
+                        [("run.loggers.0", "nope", "Input should be 'tensorboard', 'mlflow' or 'wandb'")]),
+    # the classes issue 23 found past validation: non-finite numbers, resources a local run cannot have, budgets
+    # below one row, outputs that cannot be created
+    "non-finite numbers": (["train.lr=.nan", "train.grad_clip=.inf", "data.val_fraction=-.inf"],
+                           [("train.lr", float("nan"), "finite number"), ("train.grad_clip", float("inf"),
+                                                                           "finite number"),
+                            ("data.val_fraction", float("-inf"), "finite number")]),
+    "GPU on a machine without one": (["scaling.use_gpu=true"],
+                                     [("scaling.use_gpu", True, "2 workers need 2 GPU but this machine has 0; use "
+                                                                "at most 0 workers, set scaling.use_gpu=false")]),
+    "a resource no local node has": (["scaling.resources_per_worker={accelerator_type:A10G: 0.001}"],
+                                     [("scaling.resources_per_worker.accelerator_type:A10G", 0.001,
+                                       "2 workers need 0.002 accelerator_type:A10G but this machine has 0")]),
+    "micro-batch below one row": (["train.micro_batch_tokens=100"],
+                                  [("train.micro_batch_tokens", 100, "must be >= lengths.max (256) so every "
+                                                                     "micro-batch has at least one row")]),
+    "evaluation below one window": (["eval.tokens=100"],
+                                    [("eval.tokens", 100, "must be >= max(eval.lengths) (512)")]),
+    "run.dir that cannot be created": (["run.dir=/proc/raytrain-runs"],
+                                       [("run.dir", "/proc/raytrain-runs", "cannot be created or written")]),
     "min above max": (["lengths.min=512"], [("lengths.min", 512, "must be <= lengths.max (256)")]),
     "max above positions": (["lengths.max=2048", "train.tokens_per_step=4096"],
                             [("lengths.max", 2048, "exceeds the model's 1024 positions")]),
@@ -134,7 +166,8 @@ CASES = {
     "override without =": (["lengths.max"], [("lengths.max", None, "overrides are written section.key=value")]),
     "tokenizer not a string": (["tokenizer=5"], [("tokenizer", 5, "must be 'bytes' or a local")]),
     "too many workers": ([f"scaling.num_workers={N}", f"train.tokens_per_step={256 * N}"],
-                         [("scaling.num_workers", N, f"need {N} CPUs but this machine has {N - 1}")]),
+                         [("scaling.num_workers", N, f"need {N} CPU but this machine has {N - 1}; use at most "
+                                                     f"{N - 1} workers")]),
     "placement strategy": (["scaling.placement_strategy=RANDOM"], [("scaling.placement_strategy", "RANDOM",
                                                                     "'PACK', 'SPREAD'")]),
     "missing data": (["data.path={root}/nope.txt"], [("data.path", "{root}/nope.txt", "does not exist")]),
@@ -158,12 +191,20 @@ CASES = {
         [("data.cross_documents", False, "BloomForCausalLM (model.pretrained) does not route attention through "
                                          "transformers' AttentionInterface, so documents cannot be kept apart in "
                                          "it; set data.cross_documents: true")]),
+    "documents apart with soft-capped attention": (
+        ["model.pretrained={root}/gemma2", "data.cross_documents=false"],
+        [("data.cross_documents", False, "Gemma2ForCausalLM (model.pretrained) uses attention-logit soft-capping "
+                                         "(Gemma-2) (softcap), which raytrain's document attention does not compute")]),
+    "documents apart with attention sinks": (
+        ["model.pretrained={root}/gpt-oss", "data.cross_documents=false"],
+        [("data.cross_documents", False, "GptOssForCausalLM (model.pretrained) uses attention sinks (gpt-oss) "
+                                         "(s_aux)")]),
     "vocabulary too small": (["model.pretrained={root}/small-vocab"],
                              [("tokenizer", "bytes", "has 257 tokens but model.pretrained embeds only 100")]),
-    "run.dir under a file": (["run.dir={root}/a-file/runs"], [("run.dir", "{root}/a-file/runs", "is a file, not a "
-                                                                                              "directory")]),
+    "run.dir under a file": (["run.dir={root}/a-file/runs"], [("run.dir", "{root}/a-file/runs",
+                                                               "cannot be created or written: Not a directory")]),
     "cache_dir under a file": (["data.cache_dir={root}/a-file/cache"],
-                               [("data.cache_dir", "{root}/a-file/cache", "is a file, not a directory")]),
+                               [("data.cache_dir", "{root}/a-file/cache", "cannot be created or written")]),
     "YAML that does not parse": (["-c", "{root}/bad.yaml"], [("-c", "{root}/bad.yaml", "line 3, column")]),
     "YAML that is not a mapping": (["-c", "{root}/list.yaml"], [("-c", "{root}/list.yaml", "must be a mapping")]),
     "missing config file": (["-c", "{root}/nope.yaml"], [("-c", "{root}/nope.yaml", "cannot read the config file")]),
@@ -178,7 +219,7 @@ CASES = {
                                 ("lengths.warmup_step", 3, "did you mean 'warmup_steps'?")]),
     "paths all wrong": (["data.path={root}/nope", "tokenizer={root}/nope", "run.dir={root}/a-file/x"],
                         [("data.path", "{root}/nope", "does not exist"), ("tokenizer", "{root}/nope", "local"),
-                         ("run.dir", "{root}/a-file/x", "not a directory")]),
+                         ("run.dir", "{root}/a-file/x", "Not a directory")]),
     "schedule keys and model": (["lengths.schedule=linear", "lengths.stages=[[1,8]]", "lengths.cycles=2",
                                  "model.num_heads=5", "deepspeed.zero_stage=7"],
                                 [("lengths.stages", [[1, 8]], "linear schedule does not read it"),
@@ -217,6 +258,8 @@ def no_ray(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("Ray was started before the config was refused")
     monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr("raytrain.launch.fit", started)  # nor a run begun on a Ray another test started
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # checked as a local run, whatever ran before
 
 
 def check_refusal(argv, expected, root, capsys):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from raytrain.config import load_config
-from raytrain.data import SequentialOffsets, TokenStream, eval_offsets, random_offsets
-from raytrain.recipe import Planner, StepPlan
+from raytrain.data import TokenStream
+from raytrain.loading import load_config
+from raytrain.steps import Planner, SequentialOffsets, StepPlan, eval_offsets, random_offsets
 
 TEXT = "def f(x):\n    return x * 2  # é€\n"
 
@@ -85,7 +85,8 @@ def test_global_batch_is_independent_of_workers_and_micro_batches(world, micro_t
 def test_largest_micro_batch_over_every_length(keys, world, expected):
     cfg = plan_config(**keys)
     plan = Planner(cfg.lengths, cfg.train, "random", 0, 10**6, world)
-    assert plan.largest_micro_batch() == expected
+    largest = plan.largest_micro_batch()
+    assert (largest.micro_rows, largest.length) == expected
     # independently: over every length the schedule can draw, the largest micro-batch any rank runs
     best = (0, 0)
     drawn = {plan.schedule(step) for step in range(3000)}  # what the schedule really draws

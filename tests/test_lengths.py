@@ -3,7 +3,7 @@ import collections
 import pytest
 
 from raytrain.lengths import Uniform
-from raytrain.lengths import build_schedule
+from raytrain.steps import build_schedule
 
 
 def test_fixed_is_always_max():
@@ -99,7 +99,9 @@ def test_pow2_support_and_moving_mixture():
 def test_pow2_cycles_restart_the_sweep():
     cfg = {"schedule": "pow2", "min": 32, "max": 256, "multiple_of": 8, "cycles": 2}
     schedule = build_schedule(cfg, seed=0, total_steps=4000)
-    mean = lambda lo, hi: sum(schedule(s) for s in range(lo, hi)) / (hi - lo)
+
+    def mean(lo, hi):
+        return sum(schedule(s) for s in range(lo, hi)) / (hi - lo)
     assert mean(1800, 2000) > mean(2000, 2200) + 30  # the second cycle starts short again
     assert mean(0, 200) == pytest.approx(mean(2000, 2200), abs=15)
 
@@ -117,7 +119,7 @@ def test_tokens_clock_follows_tokens_seen():
     cfg = {"schedule": "linear", "min": 64, "max": 512, "multiple_of": 64, "warmup_steps": 50, "by": "tokens"}
     by_tokens = build_schedule(cfg, tokens_per_step=1000)
     seen, expected = 0, []
-    for step in range(80):  # independent: run DeepSpeed's formula on tokens seen / tokens_per_step
+    for _step in range(80):  # independent: run DeepSpeed's formula on tokens seen / tokens_per_step
         t = seen / 1000
         length = min(512, int((t + 1) / 50 * 448 + 64) // 64 * 64)
         expected.append(length)
