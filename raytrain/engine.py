@@ -1,44 +1,58 @@
-"""DeepSpeed: the engine config built from our sections, the LR schedule, and export to Hugging Face."""
+"""DeepSpeed: the engine's config built from our sections and the model, the engine itself, and the LR schedule.
+
+DeepSpeed picks its accelerator when it is imported (from ``DS_ACCELERATOR``,
+which ``launch`` sets for the driver and the workers' runtime environment), so
+it is imported inside the functions that use it, never at the top.
+"""
 from __future__ import annotations
 
-import fcntl
 import math
-import os
-import shutil
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 from raytrain.config import DeepSpeedConfig, TrainConfig
 
 
-def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, world: int) -> dict:
-    """ZeRO stage, clipping, AdamW, for an fp32 model at every precision.
+@dataclass(frozen=True)
+class Buckets:
+    """DeepSpeed's communication sizes, in elements, from the model rather than DeepSpeed's defaults.
 
-    bf16 (``train.precision``) is torch.autocast around the forward, not
-    DeepSpeed's bf16 mode: DeepSpeed's mode keeps bf16 weights and differs by
-    stage (ZeRO-0 can only accumulate and all-reduce gradients in bf16; ZeRO-1
-    with fp32 accumulation switches to its BF16_Optimizer; ZeRO-2 and 3 keep
-    bf16 gradient partitions), so the model a run exports would depend on the
-    stage. With an fp32 model DeepSpeed accumulates, reduces and updates in fp32
-    at every stage, and the weights it checkpoints are the weights it exports.
-
-    Batch sizes vary per step (constant tokens, varying rows), so DeepSpeed's own
-    batch bookkeeping is set to one row per rank and the loop marks the
-    accumulation boundary itself (``set_gradient_accumulation_boundary``).
+    DeepSpeed's defaults (a 5e8-element reduce bucket; at ZeRO-3 up to 1e9 live
+    parameters kept for reuse) are sized for models of billions of parameters:
+    at 125M the reduce bucket alone is 1.86 GiB of fp32, four times the whole
+    gradient, and ZeRO-3 would keep every gathered parameter until the backward.
+    One transformer block is the natural unit instead: gradients are reduced
+    block by block as the backward produces them (overlapping the next block's
+    backward), ZeRO-3 prefetches the next block and keeps two blocks plus the
+    largest layer (the embedding) gathered at most.
     """
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": world,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": zero_stage(ds.zero_stage, world)},
-        # torch_adam: torch's AdamW, no JIT-compiled fused kernel to build on first run.
-        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": train.weight_decay, "torch_adam": True}},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+    block: int  # parameters of one transformer block (the largest share of the rest: embeddings and norms)
+    largest_layer: int  # the largest single module's own parameters (usually the embedding)
+
+    @property
+    def reduce(self) -> int:
+        return self.block
+
+    @property
+    def live(self) -> int:
+        return 2 * self.block + self.largest_layer
+
+    @staticmethod
+    def of(model) -> "Buckets":
+        """From a model (on any device, the meta device included; ZeRO-3 keeps a partitioned size in ds_numel)."""
+        import torch
+
+        def size(p):
+            return getattr(p, "ds_numel", p.numel())
+        params = sum(size(p) for p in model.parameters())
+        embeddings = sum(size(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        config = getattr(model, "config", None) or model.lm.config
+        layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+        largest = max(sum(size(p) for p in m.parameters(recurse=False)) for m in model.modules())
+        return Buckets(block=max(2**16, (params - embeddings) // layers), largest_layer=largest)
+
+
+PERSISTENCE_THRESHOLD = 10**5  # ZeRO-3 keeps parameters this small whole on every rank (DeepSpeed's default)
 
 
 def zero_stage(asked: int, world: int) -> int:
@@ -47,10 +61,57 @@ def zero_stage(asked: int, world: int) -> int:
     return asked if world > 1 else 0
 
 
-def init_engine(model, config: dict):
+def zero_section(stage: int, buckets: Buckets) -> dict:
+    """ZeRO's section: communication overlapped with the backward where the stage supports it (1-3), buckets
+    sized from the model (``Buckets``)."""
+    if stage == 0:
+        return {"stage": 0}
+    section = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+               "reduce_bucket_size": buckets.reduce}
+    if stage == 3:
+        section.update({"stage3_prefetch_bucket_size": buckets.block, "stage3_max_live_parameters": buckets.live,
+                        "stage3_max_reuse_distance": buckets.block,
+                        "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD})
+    return section
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, world: int, bf16: bool, buckets: Buckets) -> dict:
+    """ZeRO stage, clipping and AdamW for an fp32 model; bf16 through DeepSpeed's own ``torch_autocast``.
+
+    bf16 is torch.autocast over fp32 weights, entered by DeepSpeed's engine around
+    every forward (``torch_autocast``): an autocast entered outside the engine
+    would be switched off inside it on CUDA (DeepSpeed's ``autocast_if_enabled``
+    reads CUDA's autocast state and disables it when its own section is off).
+    ``lower_precision_safe_modules: []`` keeps every gradient's communication in
+    fp32 (its default would reduce linear layers' gradients in bf16). DeepSpeed's
+    own ``bf16.enabled`` is not used: it keeps bf16 weights and treats gradients
+    differently at each stage, so the exported model would depend on the stage.
+
+    Batch sizes vary per step (constant tokens, varying rows), so DeepSpeed's own
+    batch bookkeeping is set to one row per rank and the loop marks the
+    accumulation boundary itself (``set_gradient_accumulation_boundary``).
+    """
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero_section(zero_stage(ds.zero_stage, world), buckets),
+        # torch_adam: torch's AdamW, no JIT-compiled fused kernel to build on first run.
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": train.weight_decay, "torch_adam": True}},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return config
+
+
+def init_engine(module, config: dict):
     import deepspeed
     weight_decay = config["optimizer"]["params"]["weight_decay"]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, weight_decay),
                                       config=config)
     return engine
 
@@ -67,12 +128,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def lr_schedule(train: TrainConfig) -> Callable[[float], float]:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``.
-
-    ``step`` is the clock in steps (fractional when driven by tokens seen).
-    """
-    def lr_at(step: float) -> float:
+def lr_schedule(train: TrainConfig) -> Callable[[int, int], float]:
+    """``lr_at(step, tokens seen)``: linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at
+    ``max_steps``, on the clock ``train.lr_by`` names (steps, or tokens seen / tokens_per_step)."""
+    def lr_at(step: int, tokens: int) -> float:
+        if train.lr_by == "tokens":
+            step = tokens / train.tokens_per_step
         if step < train.warmup_steps:
             return train.lr * (step + 1) / train.warmup_steps
         progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
@@ -84,57 +145,6 @@ def lr_schedule(train: TrainConfig) -> Callable[[float], float]:
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def export_hf(engine, tokenizer_dir: Path, directory: Path, rank: int, extra_files: dict[str, str] = {}) -> None:
-    """Write a Hugging Face model directory (fp32 safetensors + config + the tokenizer's files) from any ZeRO stage.
-
-    Collective: every rank must call it (ZeRO-3 gathers its parameter shards).
-    """
-    import deepspeed
-    import torch
-
-    model = engine.module
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
-            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            for path in Path(tokenizer_dir).iterdir():
-                shutil.copy(path, directory / path.name)
-            for name, text in extra_files.items():
-                (directory / name).write_text(text)
-
-
-def export_checkpoint(checkpoint_dir: Path, out_dir: Path, cfg) -> Path:
-    """Consolidate a raytrain checkpoint (any ZeRO stage, any number of ranks) into a Hugging Face directory.
-
-    ZeRO 1-3 shards are merged from the fp32 optimizer partitions with DeepSpeed's
-    own ``zero_to_fp32``; ZeRO 0 checkpoints hold the whole module already.
-    These are DeepSpeed pickles that the user pointed at; nothing else is unpickled.
-    """
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from raytrain.model import build_model
-    from raytrain.tokenizer import load_tokenizer
-
-    engine_dir = checkpoint_dir / "engine"
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg.model, len(tokenizer), tokenizer.eos_token_id)
-    if list(engine_dir.glob("*optim_states.pt")) and cfg.deepspeed.zero_stage > 0:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=engine_dir.name)
-    else:
-        state = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {checkpoint_dir} does not fit the run's model: missing {missing}, "
-                         f"unexpected {unexpected}")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "raytrain.yaml").write_text(cfg.to_yaml())
-    return out_dir
 
 
 def discard_gradients(engine) -> None:
@@ -153,56 +163,3 @@ def discard_gradients(engine) -> None:
             optimizer.averaged_gradients[key] = None
     else:
         optimizer._overflow_clean_up(optimizer.loss_scale)
-
-
-def worker_env(use_gpu: bool) -> None:
-    """Must run before deepspeed is imported in a worker: it picks its accelerator at import."""
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-# --- DeepSpeed's CPU communication op -----------------------------------------
-
-COMM_OP = "deepspeed_shm_comm"
-
-
-def extensions_dir() -> Path:
-    """Where this installation JIT-builds torch extensions: inside its own environment, so two virtual
-    environments never rebuild into (or lock) each other's folder, as they do in ~/.cache/torch_extensions."""
-    own = Path(sys.prefix) / "var" / "raytrain-torch-extensions"
-    try:
-        own.mkdir(parents=True, exist_ok=True)
-        return own
-    except OSError:  # a read-only system Python: a per-installation folder in the user's cache
-        import hashlib
-        key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-        return Path("~/.cache/raytrain/torch-extensions").expanduser() / key
-
-
-def build_comm_op(say=print) -> None:
-    """Build (once) or load DeepSpeed's CPU shared-memory communication op, never waiting on a dead build.
-
-    torch guards a JIT build with a plain lock file that a killed build leaves
-    behind, after which every later build waits forever, silently. Builds here
-    take an OS lock first (released when its holder dies, however it dies), so
-    a torch lock file found while holding it belongs to a dead build: it is
-    reported and removed.
-    """
-    root = extensions_dir()
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
-    worker_env(False)
-    with open(root / ".raytrain-build.lock", "a+") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            stale = root / COMM_OP / "lock"
-            if stale.exists():
-                say(f"warning: removed a lock file left by a build that did not finish ({stale})")
-                stale.unlink()
-            if not list((root / COMM_OP).glob("*.so")):
-                say(f"building DeepSpeed's CPU communication op into {root} (once per installation, about a minute)")
-            from deepspeed.accelerator import get_accelerator
-            builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-            if builder is not None:
-                builder.load(verbose=False)
-        finally:
-            fcntl.flock(guard, fcntl.LOCK_UN)

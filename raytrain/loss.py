@@ -1,14 +1,20 @@
-"""Shifted next-token cross-entropy with shift-aware normalization.
+"""Shifted next-token cross-entropy with shift-aware normalization, as the module the engine trains.
 
 A micro-batch contributes ``sum of token losses / targets in the whole global
 step``: summing these over micro-batches and ranks gives the mean over the
 global batch, so the gradient equals one full-batch step whatever the split
 (no mean-of-means, the gradient-accumulation normalization bug).
+
+``CausalLMLoss`` holds the language model and computes the loss in its own
+forward, so that DeepSpeed's ``engine.forward`` runs around all of it: its
+autocast, ZeRO-3's parameter hooks and its output backward hooks cover the
+output head and the (chunked) loss as well as the transformer.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from raytrain.attention import document_spans
 
@@ -43,60 +49,65 @@ def document_positions(inputs: torch.Tensor, eot: int) -> torch.Tensor:
     return index - torch.cummax(starts, dim=1).values
 
 
-def _forward(model, windows: torch.Tensor, eot: int | None, bf16: bool, body: bool = False):
-    """(output, targets): the model's (or with ``body``, its base model's) output on the windows' inputs, under
-    autocast when ``bf16``, with positions restarting at documents when ``eot`` is given."""
+def model_inputs(windows: torch.Tensor, eot: int | None) -> tuple[dict, torch.Tensor]:
+    """(keyword arguments for the language model, targets) of (B, L+1) windows; with ``eot`` the positions
+    restart at documents and their spans go to ``raytrain.attention`` (SDPA would build a mask from them)."""
     inputs, targets = split_window(windows)
     positions = None if eot is None else document_positions(inputs, eot)
-    spans = {} if eot is None else document_spans(positions)  # read by raytrain.attention; SDPA builds a mask
-    module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    net = getattr(module, module.base_model_prefix) if body else model
-    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return net(input_ids=inputs, position_ids=positions, use_cache=False, **spans), targets
+    spans = {} if eot is None else document_spans(positions)
+    return {"input_ids": inputs, "position_ids": positions, "use_cache": False, **spans}, targets
 
 
-def window_logits(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False):
-    """(logits (B, L, V), targets (B, L)) of ``model`` on (B, L+1) windows.
+def window_logits(model, windows: torch.Tensor, eot: int | None = None):
+    """(logits (B, L, V), targets (B, L)) of a Hugging Face causal LM on (B, L+1) windows."""
+    kwargs, targets = model_inputs(windows, eot)
+    return model(**kwargs).logits, targets
 
-    ``eot`` given: documents are kept apart (``document_positions``). ``bf16``:
-    the forward runs under ``torch.autocast`` (the loss itself is fp32).
+
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM and its summed shifted cross-entropy: ``forward(windows)`` -> the loss sum (fp32), or with
+    ``per_position`` a (2, L) float64 tensor of loss sums and target counts per position (evaluation).
+
+    ``eot``: documents are kept apart. ``chunk_tokens``: the output head and the
+    loss run that many positions at a time and each chunk's logits are
+    recomputed in the backward, so at most one chunk's logits (and their fp32
+    copy) exist instead of B x L x vocab.
+
+    Every rank must make the same collective calls, and at ZeRO-3 each call of a
+    module gathers its parameters. So an empty batch (a rank with fewer rows than
+    micro-batches) runs one zero-weighted row, and the head runs as many chunks
+    on every rank: enough for ``rows`` rows (the most any rank's micro-batch of
+    the step holds), the chunks past a rank's own positions empty.
     """
-    out, targets = _forward(model, windows, eot, bf16)
-    return out.logits, targets
+
+    def __init__(self, lm, eot: int | None = None, chunk_tokens: int | None = None):
+        super().__init__()
+        self.lm, self.eot, self.chunk_tokens = lm, eot, chunk_tokens
+
+    def forward(self, windows: torch.Tensor, per_position: bool = False, rows: int | None = None) -> torch.Tensor:
+        if windows.shape[0] == 0:
+            one_row = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
+            return self.forward(one_row, per_position, rows) * 0.0
+        kwargs, targets = model_inputs(windows, self.eot)
+        if per_position:
+            losses = F.cross_entropy(self.lm(**kwargs).logits.float().transpose(1, 2), targets,
+                                     ignore_index=IGNORE_INDEX, reduction="none")
+            return torch.stack([losses.double().sum(0), (targets != IGNORE_INDEX).double().sum(0)])
+        if not self.chunk_tokens:
+            return token_loss_sum(self.lm(**kwargs).logits, targets)
+        hidden = getattr(self.lm, self.lm.base_model_prefix)(**kwargs)[0]
+        chunks = -(-max(rows or 0, windows.shape[0]) * targets.shape[1] // self.chunk_tokens)
+        return chunked_loss_sum(hidden, self.lm.get_output_embeddings(), targets, self.chunk_tokens, chunks)
 
 
-def window_loss(model, windows: torch.Tensor, eot: int | None = None, bf16: bool = False,
-                chunk_tokens: int | None = None) -> torch.Tensor:
-    """Summed shifted cross-entropy of ``model`` on (B, L+1) windows.
-
-    ``chunk_tokens``: the output head and the loss run that many positions at a
-    time and each chunk's logits are recomputed in the backward, so no more than
-    one chunk's logits (and their fp32 copy) ever exist, instead of B x L x vocab.
-    An empty batch (a rank with fewer rows than micro-batches) runs one
-    zero-weighted row instead, so every rank makes the same collective calls:
-    ZeRO-3 gathers parameters inside forward and backward.
-    """
-    if windows.shape[0] == 0:
-        return window_loss(model, _one_row(windows), eot, bf16, chunk_tokens) * 0.0
-    if not chunk_tokens:
-        return token_loss_sum(*window_logits(model, windows, eot, bf16))
-    out, targets = _forward(model, windows, eot, bf16, body=True)
-    head = getattr(model, "module", model).get_output_embeddings()
-    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return chunked_loss_sum(out[0], head, targets, chunk_tokens)
-
-
-def _one_row(windows: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
-
-
-def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int,
+                     chunks: int | None = None) -> torch.Tensor:
     """``token_loss_sum(head(hidden), targets)`` without the whole logits tensor: (B, L, H) hidden states go
-    through the head ``chunk_tokens`` positions at a time under non-reentrant checkpointing."""
-    from torch.utils.checkpoint import checkpoint
+    through the head ``chunk_tokens`` positions at a time under non-reentrant checkpointing, in ``chunks``
+    calls (at least enough for every position; those past the end take no positions)."""
     flat, goal = hidden.flatten(0, 1), targets.flatten()
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, goal.numel(), chunk_tokens):
+    for start in range(0, max(chunks or 0, -(-goal.numel() // chunk_tokens)) * chunk_tokens, chunk_tokens):
         end = start + chunk_tokens
         total = total + checkpoint(_head_loss, flat[start:end], goal[start:end], head, use_reentrant=False)
     return total
@@ -104,18 +115,6 @@ def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_to
 
 def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def position_loss_sums(model, windows: torch.Tensor, eot: int | None = None,
-                       bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, target count) per position 0..L-1 of the windows, summed over rows (evaluation)."""
-    length = windows.shape[1] - 1
-    if windows.shape[0] == 0:
-        sums, _ = position_loss_sums(model, _one_row(windows), eot, bf16)
-        return sums * 0.0, torch.zeros(length, dtype=torch.float64, device=windows.device)
-    logits, targets = window_logits(model, windows, eot, bf16)
-    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.double().sum(0), (targets != IGNORE_INDEX).double().sum(0)
 
 
 def position_buckets(length: int) -> list[tuple[int, int]]:

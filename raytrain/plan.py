@@ -1,12 +1,13 @@
 """``raytrain plan``: what a run will do and whether it fits, from the config alone, before any GPU is rented.
 
-Memory per rank is model states plus activations at the largest micro-batch.
-Model states follow DeepSpeed's own estimators (``estimate_zero2/3_model_states
-_mem_needs``), corrected for what raytrain keeps: fp32 working weights at every
-precision (DeepSpeed's figures assume 16-bit weights beside an fp32 master) and
-fp32 gradients only. Activations count what autograd keeps per token and layer
-of a Llama block and the logits with their fp32 loss
-copies. The model is built on the meta device: exact parameter counts, no memory.
+Memory per rank is model states, DeepSpeed's buffers, activations of the largest
+micro-batch, the logits and loss, and autocast's weight copies. Model states
+follow DeepSpeed's own estimators (``estimate_zero2/3_model_states_mem_needs``),
+corrected for what raytrain keeps (fp32 working weights and fp32 gradients
+only). Buffers are the ones the engine's config (``engine.zero_section``) makes
+DeepSpeed allocate. Activations are what autograd saves per token and layer of a
+Llama block (``block_bytes_per_token``, measured from autograd's saved tensors and
+checked by a test). The model is built on the meta device: exact parameter counts.
 """
 from __future__ import annotations
 
@@ -14,71 +15,104 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from raytrain.config import Config, ConfigError
-from raytrain.lengths import build_schedule
-from raytrain.model import ACCELERATORS, Accelerator, find_accelerator
-from raytrain.recipe import Shape, step_shape
+from raytrain.config import Config
+from raytrain.devices import ACCELERATORS, Accelerator, find_accelerator
+from raytrain.engine import PERSISTENCE_THRESHOLD, Buckets, deepspeed_config, zero_stage
+from raytrain.model import model_shape, tiny_llama
+from raytrain.section import ConfigError
+from raytrain.steps import Planner, Shape
+from raytrain.tokenizer import load_tokenizer
 
 GiB = 2**30
 USABLE = 0.9  # of a GPU's memory: the CUDA context, NCCL buffers and allocator fragmentation take the rest
 SHM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20  # DeepSpeed's CPU all-reduce workspace per rank (shm.cpp), mapped by all
+FLAT_ALLREDUCE = 500_000_000  # ZeRO-0 all-reduces gradients flattened into buffers of this many elements (engine.py)
 
 
 @dataclass(frozen=True)
 class Memory:
     states: int
+    buffers: dict[str, int]  # DeepSpeed's (and on CPU its shared-memory workspaces), by name
     activations: int
     logits: int
-    communication: int  # CPU: DeepSpeed's shared-memory all-reduce workspaces (GPU: NCCL's, outside the allocator)
+    casts: int  # autocast's 16-bit copy of every weight
 
     @property
     def total(self) -> int:
-        return self.states + self.activations + self.logits + self.communication
+        return self.states + sum(self.buffers.values()) + self.activations + self.logits + self.casts
+
+    def terms(self) -> str:
+        parts = [("model states", self.states), *self.buffers.items(), ("activations", self.activations),
+                 ("logits and loss", self.logits), ("autocast weight copies", self.casts)]
+        return " + ".join(f"{name} {size / GiB:.2f}" if size >= 0.005 * GiB else f"{name} <0.01"
+                          for name, size in parts if size)
 
 
-def model_state_bytes(stage: int, params: int, largest_layer: int, world: int) -> int:
+def model_state_bytes(stage: int, params: int, world: int) -> int:
     """Bytes per rank for weights, gradients, master weights and Adam moments with fp32 weights.
 
     From DeepSpeed's estimators (16-bit weights): ZeRO-2 ``2P + 18P/N`` (18 =
-    2 16-bit grads + 4 fp32 grads + 4 fp32 master + 8 Adam), ZeRO-3
-    ``4 * largest layer + 18P/N``. raytrain's weights are fp32 (+2P at ZeRO-2,
-    +4P/N at ZeRO-3, where the weights are partitioned) and it keeps no 16-bit
-    gradient (-2P/N). DeepSpeed has no ZeRO-0/1 estimator: ZeRO-1 is ZeRO-2 with
-    whole fp32 gradients on every rank; ZeRO-0 is plain AdamW, 4 + 4 + 8 bytes.
+    2 16-bit grads + 4 fp32 grads + 4 fp32 master + 8 Adam), ZeRO-3 ``18P/N``
+    plus gathered layers (counted with the buffers here). raytrain's weights are
+    fp32 (+2P at ZeRO-2, +4P/N at ZeRO-3, where they are partitioned) and it keeps
+    no 16-bit gradient (-2P/N). DeepSpeed has no ZeRO-0/1 estimator: ZeRO-1 is
+    ZeRO-2 with whole fp32 gradients on every rank; ZeRO-0 is plain AdamW, 16 bytes.
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     if stage == 0:
         return 16 * params
     if stage == 3:
-        _, ds, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, world, 1, cpu_offload=False)
+        _, ds, _ = estimate_zero3_model_states_mem_needs(params, 0, world, 1, cpu_offload=False)
         return ds + (4 - 2) * params // world
     _, ds = estimate_zero2_model_states_mem_needs(params, world, 1, cpu_offload=False)
     zero2 = ds + 2 * params - 2 * params // world
     return zero2 + (4 * params - 4 * params // world if stage == 1 else 0)
 
 
+def buffer_bytes(stage: int, buckets: Buckets, params: int, persistent: int, use_gpu: bool, world: int) -> dict:
+    """What DeepSpeed allocates beyond the model states with the engine's config, in bytes per rank (fp32)."""
+    buffers = {}
+    if stage == 0:
+        buffers["gradient all-reduce copy"] = 4 * min(params, FLAT_ALLREDUCE)  # engine.allreduce_bucket's flatten
+    elif stage in (1, 2):
+        buffers["reduce buckets (2, overlapped)"] = 2 * 4 * buckets.reduce  # setup_buckets: a double buffer
+    else:
+        buffers["reduce bucket"] = 4 * buckets.reduce
+        buffers["gathered parameters"] = 4 * (buckets.live + buckets.block)  # kept live + prefetched
+        buffers["persistent parameters"] = 4 * persistent  # ZeRO-3 keeps small ones whole on every rank
+    if not use_gpu:
+        buffers["CPU all-reduce workspaces"] = world * SHM_WORKSPACE
+    return buffers
+
+
+def block_bytes_per_token(config, bf16: bool) -> int:
+    """Bytes autograd saves per token in one Llama block (measured: ``tests/test_plan.py`` counts the saved
+    tensors). h hidden width, w key/value width, i MLP width, n heads: fp32 keeps 32h + 8w + 16i + 8 + 4n;
+    under bf16 autocast over fp32 weights 30h + 4w + 8i + 8 + 4n (fp32 norm inputs and outputs, separate bf16
+    casts of one activation for q, k, v and for gate and up, the attention's bf16 q, k, v and output, its
+    fp32 log-sum-exp per head, the MLP's four bf16 intermediates)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    w = getattr(config, "num_key_value_heads", n) * (getattr(config, "head_dim", None) or h // n)
+    return 30 * h + 4 * w + 8 * i + 8 + 4 * n if bf16 else 32 * h + 8 * w + 16 * i + 8 + 4 * n
+
+
 def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool,
                      loss_chunk: Optional[int] = None) -> tuple[int, int]:
     """(block activations, logits and loss) bytes for one micro-batch's forward and backward.
 
-    Per token and layer a Llama block keeps its fp32 residual input twice (both
-    norms) and, at the autocast width, the norm outputs, q, k, v, rotated q and
-    k, the attention output, and the MLP's gate, up, activation and product: 2
-    fp32 + 8 hidden + 4 intermediate values. Recompute keeps only each block's
-    input plus one block's set. The loss keeps the logits, their fp32 copy and
-    log-softmax, and the gradient (fp32), for the whole micro-batch or, with
-    ``loss_chunk``, for one chunk of positions at a time. Keeping documents apart
-    adds nothing (``raytrain.attention`` builds no mask); autocast caches a 16-bit
-    copy of every weight.
+    Recompute keeps only each block's fp32 input plus one block's set. Outside
+    the blocks a model keeps its final norm's input and output and the head's
+    input (12h + 12 bytes a token in fp32, 10h + 12 in bf16). The loss keeps the
+    logits, their fp32 copy and log-softmax, and the gradient (fp32), for the
+    whole micro-batch or, with ``loss_chunk``, for one chunk of positions at a
+    time. Keeping documents apart adds nothing (no mask is built).
     """
-    width = 2 if bf16 else 4
-    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    per_layer = 2 * 4 * hidden + width * (8 * hidden + 4 * inner)
-    tokens = rows * length
-    kept = (4 * hidden * layers + per_layer) if recompute else per_layer * layers
-    blocks = tokens * (kept + 4 * hidden)
-    logits = min(tokens, loss_chunk or tokens) * config.vocab_size * (12 + (width if bf16 else 0))
+    tokens, layers, h = rows * length, config.num_hidden_layers, config.hidden_size
+    block = block_bytes_per_token(config, bf16)
+    kept = (4 * h * layers + block) if recompute else block * layers
+    blocks = tokens * (kept + (10 if bf16 else 12) * h + 12)
+    logits = min(tokens, loss_chunk or tokens) * config.vocab_size * (12 + (2 if bf16 else 0))
     return blocks, logits
 
 
@@ -86,7 +120,7 @@ def activation_bytes(config, rows: int, length: int, bf16: bool, recompute: bool
 class RunPlan:
     cfg: Config
     params: int
-    largest_layer: int
+    buckets: Buckets
     shortest: Shape
     longest: Shape
     largest: Shape  # the largest micro-batch any rank runs
@@ -101,10 +135,7 @@ class RunPlan:
         return self.available is None or self.memory.total <= self.available
 
     def refusal(self) -> str:
-        m = self.memory
-        return (f"does not fit: needs {m.total / GiB:.1f} GiB per rank (model states {m.states / GiB:.1f}, "
-                f"activations {m.activations / GiB:.1f}, logits and loss {m.logits / GiB:.1f}"
-                + (f", CPU all-reduce buffers {m.communication / GiB:.1f}" if m.communication else "") + " at "
+        return (f"does not fit: needs {self.memory.total / GiB:.1f} GiB per rank ({self.memory.terms()} at "
                 f"{self.largest.micro_rows} x {self.largest.length} tokens), {self.device_phrase()} "
                 f"{self.available / GiB:.1f} GiB; lower train.micro_batch_tokens, set train.loss_chunk_tokens, raise "
                 "deepspeed.zero_stage, set model.activation_checkpointing=true or use more or larger GPUs")
@@ -119,8 +150,6 @@ def meta_model(cfg: Config, vocab_size: int):
     """The run's model on the meta device (no memory, no weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
-
-    from raytrain.model import tiny_llama
     with torch.device("meta"):
         if cfg.model.pretrained:
             config = AutoConfig.from_pretrained(Path(cfg.model.pretrained).expanduser(), local_files_only=True)
@@ -131,7 +160,6 @@ def meta_model(cfg: Config, vocab_size: int):
 def vocab_size_of(cfg: Config, vocab: Optional[int]) -> int:
     if vocab:
         return vocab
-    from raytrain.tokenizer import load_tokenizer
     try:
         return len(load_tokenizer(cfg.tokenizer))
     except Exception as err:  # a path that lives on the cluster's shared volume
@@ -152,65 +180,58 @@ def accelerator_of(cfg: Config, gpu: Optional[str]) -> Optional[Accelerator]:
     return None
 
 
-def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None, with_time: bool = True) -> RunPlan:
-    from raytrain.model import training_flops_per_token
-    model = meta_model(cfg, vocab_size_of(cfg, vocab))
+def memory_of(cfg: Config, model, planner: Planner, buckets: Buckets) -> Memory:
     params = sum(p.numel() for p in model.parameters())
-    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() <= PERSISTENCE_THRESHOLD)
     world, train = cfg.scaling.num_workers, cfg.train
-    support = cfg.lengths.support()
-    shapes = [step_shape(L, train.tokens_per_step, train.micro_batch_tokens, world) for L in support]
-    largest = max(shapes, key=lambda s: (s.micro_rows * s.length, s.length))
-    bf16 = cfg.bf16
+    stage = zero_stage(cfg.deepspeed.zero_stage, world)
     # the probe and every step at a length: the largest of (block activations + logits) over the lengths
-    peak = max((activation_bytes(model.config, s.micro_rows, s.length, bf16, cfg.model.activation_checkpointing,
-                                 train.loss_chunk_tokens) for s in shapes), key=sum)
-    cast = 2 * params if bf16 else 0
-    from raytrain.engine import zero_stage
-    memory = Memory(model_state_bytes(zero_stage(cfg.deepspeed.zero_stage, world), params, largest_layer, world),
-                    peak[0] + cast, peak[1], 0 if cfg.scaling.use_gpu else world * SHM_WORKSPACE)
+    blocks, logits = max((activation_bytes(model.config, s.micro_rows, s.length, cfg.bf16,
+                                           cfg.model.activation_checkpointing, train.loss_chunk_tokens)
+                          for s in planner.shapes()), key=sum)
+    return Memory(model_state_bytes(stage, params, world),
+                  buffer_bytes(stage, buckets, params, persistent, cfg.scaling.use_gpu, world),
+                  blocks, logits, 2 * params if cfg.bf16 else 0)
+
+
+def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None, with_time: bool = True) -> RunPlan:
+    model = meta_model(cfg, vocab_size_of(cfg, vocab))
+    planner = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, 2**62, cfg.scaling.num_workers)
+    buckets = Buckets.of(model)
+    shapes = planner.shapes()
     accelerator = accelerator_of(cfg, gpu)
     if accelerator:
         available = USABLE * accelerator.memory_gib * GiB
     elif not cfg.scaling.use_gpu:
         import psutil
-        available = psutil.virtual_memory().total / world
+        available = psutil.virtual_memory().total / cfg.scaling.num_workers
     else:
         available = None
-    total_tokens = train.max_steps * train.tokens_per_step
-    total_flops = 0.0
-    if with_time:
-        schedule = build_schedule(cfg.lengths, cfg.run.seed, train.max_steps, train.tokens_per_step)
-        per_token = {L: training_flops_per_token(model, L) for L in support}
-        for step in range(train.max_steps):
-            length = schedule(step)
-            total_flops += (train.tokens_per_step // length) * length * per_token[length]
-    return RunPlan(cfg, params, largest_layer, shapes[0], shapes[-1], largest, memory, accelerator, available,
-                   total_tokens, total_flops)
+    return RunPlan(cfg, sum(p.numel() for p in model.parameters()), buckets, shapes[0], shapes[-1],
+                   planner.largest_micro_batch(), memory_of(cfg, model, planner, buckets), accelerator, available,
+                   cfg.train.max_steps * cfg.train.tokens_per_step,
+                   planner.total_flops(model_shape(model)) if with_time else 0.0)
 
 
 def describe(plan: RunPlan, mfu: float) -> str:
     """The plan as the lines ``raytrain plan`` prints."""
-    from raytrain.engine import deepspeed_config, zero_stage
     cfg, s = plan.cfg, plan.cfg.scaling
     device = f"1 GPU ({plan.accelerator.name if plan.accelerator else 'any type'})" if s.use_gpu else "CPU only"
     lines = [f"workers: {s.num_workers} x ({s.cpus_per_worker} CPU, {device}), placement {s.placement_strategy}",
-             f"model: {plan.params / 1e6:.1f}M parameters (largest layer {plan.largest_layer / 1e6:.1f}M), "
-             f"ZeRO-{zero_stage(cfg.deepspeed.zero_stage, s.num_workers)}, precision {cfg.train.precision}",
+             f"model: {plan.params / 1e6:.1f}M parameters (a block {plan.buckets.block / 1e6:.1f}M, largest layer "
+             f"{plan.buckets.largest_layer / 1e6:.1f}M), ZeRO-{zero_stage(cfg.deepspeed.zero_stage, s.num_workers)}, "
+             f"precision {'bf16' if cfg.bf16 else 'fp32'}",
              f"steps: {cfg.train.max_steps:,} x {cfg.train.tokens_per_step:,} tokens = {plan.total_tokens:,} tokens; "
              f"lengths {cfg.lengths.schedule} {cfg.lengths.min}-{cfg.lengths.max}"]
     for name, shape in (("shortest", plan.shortest), ("longest", plan.longest)):
         lines.append(f"  {name} L={shape.length}: {shape.rows} rows per step, up to {shape.rank_rows} per rank in "
                      f"{shape.micro_batches} micro-batch(es) of up to {shape.micro_rows} rows")
-    lines.append(f"deepspeed config: {deepspeed_config(cfg.deepspeed, cfg.train, s.num_workers)}")
-    m = plan.memory
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, s.num_workers, cfg.bf16, plan.buckets)
+    lines.append(f"deepspeed config: {ds}")
     verdict = ("memory not checked: name the GPU (--gpu, or accelerator_type:NAME in scaling.resources_per_worker)"
                if plan.available is None else
                f"{'fits' if plan.fits else 'DOES NOT FIT'}: {plan.device_phrase()} {plan.available / GiB:.1f} GiB")
-    lines.append(f"memory per rank: {m.total / GiB:.2f} GiB = model states {m.states / GiB:.2f} + activations "
-                 f"{m.activations / GiB:.2f} + logits and loss {m.logits / GiB:.2f}"
-                 + (f" + CPU all-reduce buffers {m.communication / GiB:.2f}" if m.communication else "") +
-                 f" (largest micro-batch "
+    lines.append(f"memory per rank: {plan.memory.total / GiB:.2f} GiB = {plan.memory.terms()} (largest micro-batch "
                  f"{plan.largest.micro_rows} x {plan.largest.length}); {verdict}")
     if plan.total_flops and plan.accelerator:
         seconds = plan.total_flops / (s.num_workers * plan.accelerator.peak_tflops * 1e12 * mfu)

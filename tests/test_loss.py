@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from raytrain.data import TokenStream, random_offsets
-from raytrain.loss import count_targets, token_loss_sum, window_logits, window_loss
-from raytrain.recipe import StepPlan
+from raytrain.data import TokenStream
+from raytrain.loss import CausalLMLoss, count_targets, token_loss_sum, window_logits
+from raytrain.steps import StepPlan, random_offsets
 
 
 def rank_batches(stream, offsets, length, micro_tokens, rank, world):
@@ -59,7 +59,7 @@ def split_gradient(model, stream, world, micro_tokens, length=16, tokens_per_ste
         assert len(chunks) == len(per_rank[0])  # the same number of collective calls on every rank
         model.zero_grad()
         for chunk in chunks:
-            (window_loss(model, torch.from_numpy(chunk)) * (world / targets)).backward()
+            (CausalLMLoss(model)(torch.from_numpy(chunk)) * (world / targets)).backward()
         total = total + grads(model)
     return total / world
 
@@ -83,7 +83,7 @@ def test_gradient_is_the_same_for_any_split(model):
 
 def test_empty_micro_batch_contributes_nothing(model):
     model.zero_grad()
-    loss = window_loss(model, torch.zeros((0, 9), dtype=torch.long))
+    loss = CausalLMLoss(model)(torch.zeros((0, 9), dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and p.grad.abs().max().item() == 0.0 for p in model.parameters())
@@ -111,7 +111,7 @@ def test_documents_do_not_see_each_other_when_kept_apart():
     alone = torch.cat([torch.tensor([eot]), doc_b])[None]
     torch.testing.assert_close(logits(first, True), model(input_ids=alone).logits[0], rtol=0, atol=1e-5)
     windows = torch.cat([first, other])
-    assert window_loss(model, windows, eot).item() > 0
+    assert CausalLMLoss(model, eot)(windows).item() > 0
 
 
 def test_document_spans_are_the_flattened_documents():
@@ -151,12 +151,58 @@ def test_document_attention_equals_the_masked_path_without_a_mask(kv_heads, most
     logits = [window_logits(m, windows, eot)[0] for m in (masked, apart)]
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
     for model in (masked, apart):
-        window_loss(model, windows, eot).backward()
+        CausalLMLoss(model, eot)(windows).backward()
     torch.testing.assert_close(grads(apart), grads(masked), rtol=0, atol=1e-5)
     assert all(m.shape == (5, 1, length, length) for m in masks[id(masked)])  # what no longer exists
     assert len(masks[id(apart)]) == 4 and all(m is None for m in masks[id(apart)])
     # without documents to keep apart the same model is plain causal SDPA
     torch.testing.assert_close(window_logits(apart, windows)[0], window_logits(masked, windows)[0], rtol=0, atol=1e-5)
+
+
+def documents_alone(model, windows: torch.Tensor, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss sum) of every document of every window run alone through ``model`` (an end-of-text token
+    opens a document): what keeping documents apart means, computed without spans or masks."""
+    logits, total = [], 0
+    for row in windows:
+        inputs, targets = row[:-1], row[1:]
+        starts = [0] + [i for i in range(1, len(inputs)) if inputs[i] == eot] + [len(inputs)]
+        pieces = [model(input_ids=inputs[s:e][None]).logits[0] for s, e in zip(starts[:-1], starts[1:])]
+        total = total + sum(F.cross_entropy(p, targets[s:e], reduction="sum") for p, s, e in
+                            zip(pieces, starts[:-1], starts[1:]))
+        logits.append(torch.cat(pieces))
+    return torch.stack(logits), total
+
+
+def test_document_attention_honours_a_sliding_window():
+    """A tiny Mistral with an 8-token sliding window and documents up to 40 tokens long: document attention
+    (per-document SDPA with the window as a band) equals each document run alone through transformers' own
+    sliding-window masked path, logits and gradients (fp32, 1e-5); without the window it would not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from raytrain.attention import KERNELS, use_document_attention
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
+    reference = MistralForCausalLM(config)
+    apart = MistralForCausalLM(copy.deepcopy(config))
+    apart.load_state_dict(reference.state_dict())
+    use_document_attention(apart)
+    windows = torch.randint(0, 256, (3, 41), generator=torch.Generator().manual_seed(4))
+    windows[1, [12, 30]] = 256
+    expected_logits, expected_loss = documents_alone(reference, windows, 256)
+    before = KERNELS["SDPA per document"]
+    ours = CausalLMLoss(apart, 256)
+    logits = window_logits(apart, windows, 256)[0]
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+    assert KERNELS["SDPA per document"] > before
+    ours(windows).backward()
+    expected_loss.backward()
+    torch.testing.assert_close(grads(apart), grads(reference), rtol=0, atol=1e-5)
+    unwindowed = MistralForCausalLM(copy.deepcopy(config))
+    unwindowed.load_state_dict(reference.state_dict())
+    unwindowed.config.sliding_window = None
+    use_document_attention(unwindowed)
+    assert (window_logits(unwindowed, windows, 256)[0] - expected_logits).abs().max() > 1e-3
 
 
 def test_document_attention_refuses_a_model_that_would_ignore_it():
@@ -169,8 +215,8 @@ def test_document_attention_refuses_a_model_that_would_ignore_it():
 
 
 def test_weight_decay_only_on_linear_weight_matrices():
-    from raytrain.config import load_config
     from raytrain.engine import param_groups
+    from raytrain.loading import load_config
     from raytrain.model import build_model
     model = build_model(load_config(environment=False).model, 257, 256)
     decay, rest = param_groups(model, 0.1)
@@ -185,7 +231,7 @@ def test_weight_decay_only_on_linear_weight_matrices():
 
 @pytest.mark.parametrize("pretrained", [False, True])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, pretrained):
-    from raytrain.config import load_config
+    from raytrain.loading import load_config
     from raytrain.model import build_model
     keys = ["model.hidden_size=32", "model.num_layers=2", "model.intermediate_size=64"]
     if pretrained:
@@ -201,7 +247,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, pr
         assert enabled == checkpointing
         model.train()
         windows = torch.randint(0, 257, (3, 33), generator=torch.Generator().manual_seed(1))
-        loss = window_loss(model, windows, eot=256)
+        loss = CausalLMLoss(model, eot=256)(windows)
         loss.backward()
         results.append((loss.detach(), grads(model)))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
@@ -227,11 +273,12 @@ def test_position_buckets_are_powers_of_two_cut_at_the_window():
 def test_position_buckets_sum_back_to_the_overall_loss_and_match_an_independent_count(eot):
     """Token-weighted, the buckets give val/loss@L (1e-6); each bucket equals cross-entropy computed directly
     on the same windows at those positions."""
-    from raytrain.data import TokenStream, eval_offsets
+    from raytrain.data import TokenStream
     from raytrain.evaluate import evaluate, position_losses
+    from raytrain.steps import eval_offsets
     stream = TokenStream([np.random.RandomState(1).randint(0, 257, size=5000)])
     model = _model(2)
-    results = evaluate(model, stream, [100, 64], tokens=1600, batch_tokens=300, eot=eot)
+    results = evaluate(CausalLMLoss(model, eot), stream, [100, 64], 1600, lambda length: 300 // length)
     for length in (100, 64):
         buckets = position_losses(results, length)
         weighted = sum((b - a + 1) * loss for a, b, loss in buckets) / length  # every position has every row
@@ -250,12 +297,13 @@ def test_a_model_that_ignores_context_has_equal_losses_in_every_bucket():
     repeated, every position sees the same input and target, so every bucket has the same loss."""
     from raytrain.data import TokenStream
     from raytrain.evaluate import evaluate, position_losses
-    results = evaluate(_model(0), TokenStream([np.full(3000, 97)]), [128], tokens=1024, batch_tokens=512)
+    results = evaluate(CausalLMLoss(_model(0)), TokenStream([np.full(3000, 97)]), [128], 1024, lambda length: 4)
     losses = [loss for *_, loss in position_losses(results, 128)]
     assert len(losses) == 8 and losses == pytest.approx([results["val/loss@128"]] * 8, rel=1e-6)
     # the same model with attention on a real stream does not: the buckets differ
     stream = TokenStream([np.random.RandomState(2).randint(0, 257, size=3000)])
-    mixed = [loss for *_, loss in position_losses(evaluate(_model(2), stream, [128], 1024, 512), 128)]
+    mixed = [loss for *_, loss in position_losses(evaluate(CausalLMLoss(_model(2)), stream, [128], 1024,
+                                                             lambda length: 4), 128)]
     assert max(mixed) - min(mixed) > 1e-4
 
 
@@ -269,7 +317,8 @@ def test_chunked_loss_equals_the_whole_logits_loss_with_the_same_gradients(eot, 
     grads = []
     for chunk in (None, 7):
         model = _model(2) if bf16 else _model(2).double()  # fp64: only the summation order differs
-        loss = window_loss(model, windows, eot, bf16, chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = CausalLMLoss(model, eot, chunk)(windows)
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     (whole, g_whole), (chunked, g_chunked) = grads

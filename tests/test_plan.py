@@ -1,16 +1,15 @@
 """raytrain plan: the shipped GPU configs fit, what cannot fit is refused with its numbers, the estimate
 matches a real run's measured peak, and raytrain tune plans its candidates and sizes its concurrency."""
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from raytrain.config import load_config
+from raytrain.loading import load_config
 from raytrain.plan import GiB, model_state_bytes, plan_run
-from raytrain.recipe import step_shape
-from tests.test_training import read_jsonl
+from raytrain.steps import step_shape
+from tests.helpers import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIGS = sorted((ROOT / "cluster" / "configs").glob("*.yaml"))
@@ -29,7 +28,8 @@ def test_every_shipped_gpu_config_plans_and_fits(path):
     cfg = load_config(str(path), environment=False)
     assert f"workers: {cfg.scaling.num_workers} x (8 CPU, 1 GPU (A10G)), placement PACK" in out
     assert f"shortest L={cfg.lengths.min}:" in out and f"longest L={cfg.lengths.max}:" in out
-    assert f"'zero_optimization': {{'stage': {cfg.deepspeed.zero_stage}}}" in out
+    assert f"'zero_optimization': {{'stage': {cfg.deepspeed.zero_stage}, 'overlap_comm': True" in out
+    assert "'torch_autocast': {'enabled': True, 'dtype': 'bfloat16', 'lower_precision_safe_modules': []}" in out
     assert "fits: A10G has 22.5 GiB (90% usable): 20.2 GiB" in out and " h (" in out
 
 
@@ -40,16 +40,17 @@ def test_a_config_that_cannot_fit_is_refused_with_memory_needed_and_available():
     refusal = done.stdout.strip().splitlines()[-1]
     assert refusal.startswith("raytrain plan: does not fit: needs ") and "A10G has 22.5 GiB" in refusal
     needed = float(refusal.split("needs ")[1].split(" GiB")[0])
-    assert needed > 20.2 and "model states 5.4" in refusal  # 16 bytes x 360M parameters at ZeRO-0
+    assert needed > 20.2 and "model states 5.36" in refusal  # 16 bytes x 360M parameters at ZeRO-0
+    assert "gradient all-reduce copy 1.34" in refusal  # ZeRO-0 flattens every gradient to all-reduce it
 
 
 def test_model_states_follow_deepspeeds_estimators_with_fp32_weights():
     """Independent arithmetic: fp32 weights (4) + fp32 gradients (4) + fp32 master copy (4) + Adam (8)."""
-    P, N, largest = 124_000_000, 8, 38_000_000
-    assert model_state_bytes(0, P, largest, N) == 16 * P
-    assert model_state_bytes(1, P, largest, N) == pytest.approx(4 * P + 4 * P + 12 * P / N, rel=1e-6)
-    assert model_state_bytes(2, P, largest, N) == pytest.approx(4 * P + 16 * P / N, rel=1e-6)
-    assert model_state_bytes(3, P, largest, N) == pytest.approx(4 * largest + 20 * P / N, rel=1e-6)
+    P, N = 124_000_000, 8
+    assert model_state_bytes(0, P, N) == 16 * P
+    assert model_state_bytes(1, P, N) == pytest.approx(4 * P + 4 * P + 12 * P / N, rel=1e-6)
+    assert model_state_bytes(2, P, N) == pytest.approx(4 * P + 16 * P / N, rel=1e-6)
+    assert model_state_bytes(3, P, N) == pytest.approx(20 * P / N, rel=1e-6)  # gathered layers: the buffers
 
 
 def test_step_shapes_split_like_the_loop():
@@ -60,10 +61,11 @@ def test_step_shapes_split_like_the_loop():
 
 
 def test_tune_skips_a_candidate_that_cannot_fit_and_counts_what_the_cluster_can_grow_to(tmp_path):
-    from raytrain.tune import _base_path, candidates, load_spec, trials_that_fit
-    from tests.test_tune import write_spec
+    from raytrain.tune import trials_that_fit
+    from raytrain.tune_spec import base_path_of, candidates, load_spec
+    from tests.helpers import write_spec
     path = write_spec(tmp_path, search={"model.hidden_size": {"grid": [32, 32768]}}, num_samples=1)
-    trials, notes = candidates(load_spec(path), _base_path(load_spec(path), path))
+    trials, notes = candidates(load_spec(path), base_path_of(load_spec(path), path))
     assert trials == [{"model.hidden_size": 32}]
     assert len(notes) == 1 and "does not fit: needs" in notes[0] and "this machine's memory per rank" in notes[0]
     gpu = load_config(str(GPU_CONFIGS[0]), environment=False).scaling  # 8 GPUs per trial
@@ -78,7 +80,7 @@ def test_memory_estimate_is_within_30_percent_of_a_real_runs_peak(ray_session, c
     """The built-in model, 2 workers, ZeRO-1: the plan against rank 0's measured peak. glibc keeps freed
     blocks cached, so resident memory overstates live memory on CPU; the workers return large blocks to the
     OS at free (MALLOC_MMAP_THRESHOLD_) so that their peak is what training holds."""
-    from raytrain.train import fit
+    from raytrain.launch import fit
     cfg = load_config(None, [f"data.cache_dir={cache_dir}", f"run.dir={tmp_path}", "run.name=mem",
                              "train.max_steps=12", "train.log_every=4", "eval.every=12", "run.checkpoint_every=12"])
     estimate = plan_run(cfg, with_time=False).memory.total
@@ -88,8 +90,9 @@ def test_memory_estimate_is_within_30_percent_of_a_real_runs_peak(ray_session, c
 
 
 def test_gpu_workers_get_expandable_segments_unless_the_user_chose_an_allocator():
-    from raytrain.train import worker_env_vars
-    assert worker_env_vars(True, {}) == {"DS_ACCELERATOR": "cuda", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    from raytrain.launch import worker_env_vars
+    assert worker_env_vars(True, {}) == {"DS_ACCELERATOR": "cuda",
+                                         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     assert worker_env_vars(True, {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:256"})["PYTORCH_CUDA_ALLOC_CONF"] == \
         "max_split_size_mb:256"
     assert worker_env_vars(False, {}) == {"DS_ACCELERATOR": "cpu"}
@@ -104,10 +107,11 @@ def test_chunked_loss_shrinks_the_logits_term_to_one_chunk():
 
 
 def test_one_rank_runs_zero_0_because_zero_over_one_rank_partitions_nothing():
-    from raytrain.engine import deepspeed_config
+    from raytrain.engine import Buckets, deepspeed_config
     cfg = load_config(None, ["deepspeed.zero_stage=3"], environment=False)
-    assert deepspeed_config(cfg.deepspeed, cfg.train, 1)["zero_optimization"] == {"stage": 0}
-    assert deepspeed_config(cfg.deepspeed, cfg.train, 2)["zero_optimization"] == {"stage": 3}
+    buckets = Buckets(block=2**16, largest_layer=2**15)
+    assert deepspeed_config(cfg.deepspeed, cfg.train, 1, False, buckets)["zero_optimization"] == {"stage": 0}
+    assert deepspeed_config(cfg.deepspeed, cfg.train, 2, False, buckets)["zero_optimization"]["stage"] == 3
     one = plan_run(load_config(None, ["scaling.num_workers=1"], environment=False), with_time=False)
     assert one.memory.states == 16 * one.params  # plain AdamW: weights, gradients, two moments, no master copy
 
