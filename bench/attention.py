@@ -45,9 +45,10 @@ def main() -> None:
     import torch
 
     from raytrain.attention import use_document_attention
-    from raytrain.config import load_config
-    from raytrain.data import open_prepared, random_offsets
+    from raytrain.loading import load_config
     from raytrain.model import build_model
+    from raytrain.prepare import open_prepared
+    from raytrain.steps import random_offsets
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -127,7 +127,7 @@ def main() -> None:
 
     import ray
 
-    from raytrain.config import load_config
+    from raytrain.loading import load_config
     from raytrain.prepare import prepare
     root = Path(args.dir)
     sizes = {"small": make_corpus(root / "small", args.small_mb, 0), "large": make_corpus(root / "large",

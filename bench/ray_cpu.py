@@ -52,8 +52,8 @@ def measure(log_every: int, steps: int, first: int, last: int, tmp: str) -> tupl
     """(tokens/s over the window, window seconds, CPU seconds per group over the window)."""
     from throughput import logged_rate, run_keys  # the same runs as bench/throughput.py's 1 x 2 layout
 
-    from raytrain.config import load_config
-    from raytrain.train import fit, run_directory
+    from raytrain.launch import fit, run_directory
+    from raytrain.loading import load_config
     cfg = load_config(None, run_keys(256, 8192, steps, log_every, tmp) + [
         "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"run.name=log{log_every}"])
     metrics, marks, done = run_directory(cfg) / "metrics.jsonl", {}, threading.Event()

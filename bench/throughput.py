@@ -37,9 +37,9 @@ def bare_loop(cfg, steps: int, skip: int) -> float:
     """The plainest loop on the same step plan (lengths, rows, windows); tokens/s over the steps after ``skip``."""
     import torch
 
-    from raytrain.data import open_prepared
     from raytrain.model import build_model
-    from raytrain.recipe import Planner
+    from raytrain.prepare import open_prepared
+    from raytrain.steps import Planner
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def logged_rate(metrics: Path, after: int, upto: int | None = None) -> float:
 
 def raytrain_loop(cfg, skip: int) -> float:
     """tokens/s from raytrain's own metrics.jsonl over the steps after ``skip`` (a multiple of log_every)."""
-    from raytrain.train import fit, run_directory
+    from raytrain.launch import fit, run_directory
     fit(cfg)
     return logged_rate(run_directory(cfg) / "metrics.jsonl", skip)
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     import ray
 
-    from raytrain.config import load_config
+    from raytrain.loading import load_config
     ray.init(num_cpus=THREADS, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 REPORT_PROMPTS = ["def ", "import ", "The "]  # raytrain report's fixed prompts (the built-in corpus is Python)
 
 
 def load(model_dir: Path):
     """(model, tokenizer) of a raytrain export or any local Hugging Face causal LM; fp32, eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
@@ -17,7 +18,6 @@ def load(model_dir: Path):
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
              top_p: float = 0.95, seed: int = 0) -> str:
     """The prompt and its continuation; temperature 0 is greedy. A fixed seed gives the same text every time."""
-    import torch
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt")
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \

@@ -4,11 +4,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no backend, no window, no global figure state
+
 from raytrain.evaluate import length_losses, position_losses
+from raytrain.generate import samples
+from raytrain.loading import load_config
+from raytrain.runlog import read_records
+from raytrain.steps import Planner
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(path)[0]
+
+
+def report_run(run_dir: Path, more_runs: list[Path], out: str | None) -> None:
+    """``raytrain report``: the per-length table, the plots, samples from the exported model, and with more runs
+    their final losses by position on one plot."""
+    print(table(read_jsonl(run_dir / "eval.jsonl")))
+    for path in write_report(run_dir):
+        print(f"wrote {path}")
+    if (run_dir / "model" / "config.json").is_file():
+        text = samples(run_dir / "model")
+        (run_dir / "samples.txt").write_text(text + "\n")
+        print(f"samples from {run_dir / 'model'}:\n{text}\nwrote {run_dir / 'samples.txt'}")
+    if more_runs:
+        print(f"wrote {plot_positions([run_dir, *more_runs], Path(out or run_dir / 'positions-compared.png'))}")
 
 
 def table(evals: list[dict]) -> str:
@@ -24,8 +44,6 @@ def table(evals: list[dict]) -> str:
 
 def step_lengths(run_dir: Path) -> list[int]:
     """The length of every step, re-planned from the run's config: the step plan is a pure function."""
-    from raytrain.config import load_config
-    from raytrain.recipe import Planner
     cfg = load_config(str(run_dir / "config.yaml"), environment=False)
     n_tokens = json.loads((run_dir / "corpus.json").read_text())["train_tokens"]
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, n_tokens, cfg.scaling.num_workers)
@@ -34,14 +52,11 @@ def step_lengths(run_dir: Path) -> list[int]:
 
 def write_report(run_dir: Path) -> list[Path]:
     """Write loss.png, lengths.png and eval.png into ``run_dir``; return their paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
     written = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([m["tokens"] for m in metrics], [m["loss"] for m in metrics], label="train (per log interval)")
     for L in length_losses(evals[0]):
         ax.plot([e["tokens"] for e in evals], [e[f"val/loss@{L}"] for e in evals], "o--", label=f"val @ {L}")
@@ -49,7 +64,8 @@ def write_report(run_dir: Path) -> list[Path]:
     ax.legend()
     written.append(_save(fig, run_dir / "loss.png"))
 
-    fig, (over_run, histogram) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    over_run, histogram = fig.subplots(1, 2)
     lengths = step_lengths(run_dir)
     over_run.plot(range(1, len(lengths) + 1), lengths, ".", markersize=3)
     over_run.set(xlabel="step", ylabel="sequence length", title="length of every step")
@@ -57,7 +73,8 @@ def write_report(run_dir: Path) -> list[Path]:
     histogram.set(xlabel="sequence length", ylabel="steps", title="length histogram")
     written.append(_save(fig, run_dir / "lengths.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for e in evals:
         ax.plot(list(length_losses(e)), list(length_losses(e).values()), "o-", label=f"step {e['step']}")
     ax.set(xscale="log", xlabel="evaluation length", ylabel="validation loss", title="loss by evaluation length")
@@ -72,10 +89,8 @@ def plot_positions(run_dirs: list[Path], path: Path) -> Path:
 
     A model that ignores its context gives a flat curve; one that uses it keeps falling with position.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for run_dir in run_dirs:
         final = read_jsonl(Path(run_dir) / "eval.jsonl")[-1]
         for length in length_losses(final):
@@ -91,6 +106,4 @@ def plot_positions(run_dirs: list[Path], path: Path) -> Path:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
     return path

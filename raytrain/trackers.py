@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from raytrain.config import flatten
+
 MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # what each one needs imported
 EXTRA = "pip install 'raytrain[tracking]'"
 
@@ -76,7 +78,6 @@ class MLflow:
         self.client = MlflowClient(tracking_uri=uri)
         if "run_id" not in state:
             run = self.client.create_run(self.experiment(cfg.run.group or "raytrain"), run_name=cfg.run.name)
-            from raytrain.config import flatten
             params = [Param(k, json.dumps(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -144,6 +145,11 @@ TRACKERS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
 class Trackers:
     """The run's trackers, opened on rank 0; ``log`` sends one metrics or evaluation record to each."""
 
+    @staticmethod
+    def open(run_dir: Path, cfg, say: Callable[[str], None]) -> "Trackers | None":
+        """The run's trackers, or None when run.loggers names none."""
+        return Trackers(run_dir, cfg, say) if cfg.run.loggers else None
+
     def __init__(self, run_dir: Path, cfg, say: Callable[[str], None]):
         self.path, self.say = run_dir / "trackers.json", say
         self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -155,7 +161,7 @@ class Trackers:
         self.state.setdefault("sent", {})
         self.open = {}
         for name in cfg.run.loggers:
-            self._guard(name, lambda: self.open.__setitem__(
+            self._guard(name, lambda name=name: self.open.__setitem__(
                 name, TRACKERS[name](run_dir, cfg, self.state.setdefault(name, {}))))
         self._save()
 
@@ -165,7 +171,7 @@ class Trackers:
         for name in list(self.open):
             sent = self.state["sent"].setdefault(name, {})
             if step > sent.get(kind, -1):
-                self._guard(name, lambda: self.open[name].log(values, step))
+                self._guard(name, lambda name=name: self.open[name].log(values, step))
                 sent[kind] = step
         self._save()
 

@@ -25,8 +25,8 @@ def pod_resources(group: dict) -> dict:
 
 def training_bundles(job: dict) -> tuple[list[dict], str]:
     """The bundles Ray Train asks for: the entrypoint's config through raytrain's own ScalingConfig."""
-    from raytrain.config import load_config
-    from raytrain.train import scaling_config
+    from raytrain.launch import scaling_config
+    from raytrain.loading import load_config
     config = ROOT / "cluster" / "configs" / Path(job["spec"]["entrypoint"].split()[3]).name
     scaling = scaling_config(load_config(str(config), environment=False).scaling)
     return [dict(scaling.resources_per_worker)] * scaling.num_workers, scaling.placement_strategy

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytrain.config import load_config
-from tests.test_training import TINY, read_jsonl
+from raytrain.loading import load_config
+from tests.helpers import TINY, read_jsonl
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -200,7 +200,7 @@ def test_two_simulated_nodes_match_one_node(ray_session, cache_dir, tmp_path):
     RAY_ADDRESS, checkpoints in a shared directory: the same records as one node."""
     from ray.cluster_utils import Cluster
 
-    from raytrain.train import fit
+    from raytrain.launch import fit
     common = TINY + [f"data.cache_dir={cache_dir}", f"run.dir={tmp_path}", "deepspeed.zero_stage=1"]
     fit(load_config(None, common + ["run.name=one-node"]))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

@@ -11,13 +11,11 @@ import time
 import psutil
 import pytest
 
-from raytrain.config import load_config
+from raytrain.loading import load_config
+from tests.helpers import TIMING, read_jsonl
 from tests.poison import corpus_file, poisoned_model
-from tests.test_training import read_jsonl
 
 pytestmark = pytest.mark.ray
-TIMING = {"tokens_per_s", "interval_s", "elapsed_s", "tflops", "mfu", "data_wait",  # time-based telemetry
-          "peak_memory_gb"}  # the process's own, which a restarted worker starts afresh
 STEPS = 24
 
 
@@ -54,7 +52,7 @@ def common(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(common):
-    from raytrain.train import fit
+    from raytrain.launch import fit
     overrides, root = common
     fit(load_config(None, overrides + ["run.name=reference"]))
     return root / "reference"
@@ -79,7 +77,7 @@ def test_reference_has_skipped_steps_on_both_sides_of_the_checkpoint(reference):
 
 
 def test_killed_worker_restarts_and_matches_an_uninterrupted_run(common, reference):
-    from raytrain.train import fit
+    from raytrain.launch import fit
     overrides, root = common
     run_dir = root / "killed"
     killed = {}
@@ -97,8 +95,7 @@ def test_killed_worker_restarts_and_matches_an_uninterrupted_run(common, referen
     assert 14 <= killed["at_step"] < STEPS and not psutil.pid_exists(killed["pid"])
     assert_same_records(run_dir, reference)
     # the trackers continued the same runs: one MLflow run, one W&B run, no step sent twice, the same values
-    from tests.test_trackers import assert_every_tracker_holds_the_records
-    from tests.trackers_read import mlflow_client
+    from tests.trackers_read import assert_every_tracker_holds_the_records, mlflow_client
     assert_every_tracker_holds_the_records(run_dir, ignore=TIMING,
                                            need={"loss", "skipped", "val/loss@128/pos64-127"})
     client, run_id = mlflow_client(run_dir)
@@ -107,7 +104,8 @@ def test_killed_worker_restarts_and_matches_an_uninterrupted_run(common, referen
 
 def test_stopped_driver_resumes_on_rerun_and_matches(common, reference):
     import ray
-    from raytrain.train import fit
+
+    from raytrain.launch import fit
     overrides, root = common
     run_dir = root / "stopped"
     command = [sys.executable, "-m", "raytrain.cli", "train", *overrides, "run.name=stopped"]
@@ -125,8 +123,8 @@ def test_stopped_driver_resumes_on_rerun_and_matches(common, reference):
 
 
 def test_rerun_with_a_different_config_is_refused(common, reference):
-    from raytrain.config import ConfigError
-    from raytrain.train import fit
+    from raytrain.launch import fit
+    from raytrain.section import ConfigError
     overrides, _ = common
     with pytest.raises(ConfigError, match="train.lr = 0.5: run .* exists with train.lr = 0.003"):
         fit(load_config(None, overrides + ["run.name=reference", "train.lr=0.5"]))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from raytrain.cli import main
-from raytrain.config import load_config
-from raytrain.data import open_prepared
-from raytrain.recipe import Planner
+from raytrain.loading import load_config
+from raytrain.prepare import open_prepared
+from raytrain.steps import Planner
+from tests.helpers import read_jsonl
 from tests.poison import POISON, corpus_file, poisoned_model
-from tests.test_training import read_jsonl
 
 pytestmark = pytest.mark.ray
 
@@ -31,7 +31,7 @@ def overrides(model, data, tmp_path, *extra):
 
 @pytest.mark.parametrize("precision,stage", [("fp32", 2), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)])
 def test_non_finite_steps_are_skipped_and_counted(ray_session, poisoned, tmp_path, precision, stage):
-    from raytrain.train import fit
+    from raytrain.launch import fit
     data = corpus_file(tmp_path, None, poison_positions=[1500, 6100, 9000, 13000])
     cfg = load_config(None, overrides(poisoned, data, tmp_path, f"deepspeed.zero_stage={stage}",
                                       f"train.precision={precision}", "run.name=skip"))

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain.config import ConfigError, load_config
 from raytrain.data import open_corpus
+from raytrain.loading import load_config
 from raytrain.prepare import prepare
+from raytrain.section import ConfigError
 from tests.reference import reference_stream, split
 
 pytestmark = pytest.mark.ray
@@ -195,8 +196,8 @@ def test_a_worker_that_cannot_see_the_corpus_refuses_before_step_1(ray_session, 
 
 def test_training_workers_never_tokenize(ray_session, cache_dir, tmp_path):
     """Every tokenizer entry point raises inside the training workers; the run still trains and exports."""
-    from raytrain.train import fit
-    from tests.test_training import TINY
+    from raytrain.launch import fit
+    from tests.helpers import TINY
 
     cfg = load_config(None, TINY + [f"data.cache_dir={cache_dir}", f"run.dir={tmp_path}", "run.name=no-tokenizer",
                                     "train.max_steps=2"])

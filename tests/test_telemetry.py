@@ -4,9 +4,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from raytrain.config import load_config
-from raytrain.model import build_model, training_flops_per_token
-from raytrain.recipe import Meter, StepPlan
+from raytrain.loading import load_config
+from raytrain.meter import Meter
+from raytrain.model import build_model, model_shape
+from raytrain.steps import ModelShape, StepPlan
 
 
 def counted_flops_per_token(model, length: int, rows: int = 2) -> float:
@@ -21,25 +22,27 @@ def counted_flops_per_token(model, length: int, rows: int = 2) -> float:
 def test_built_in_llama_flops_match_the_counter(length):
     model = build_model(load_config(environment=False).model, 257, 256)
     model.config._attn_implementation = "eager"
-    ours, counted = training_flops_per_token(model, length), counted_flops_per_token(model, length)
+    ours, counted = model_shape(model).flops_per_token(length), counted_flops_per_token(model, length)
     assert ours == pytest.approx(counted, rel=0.05)
-    assert training_flops_per_token(model, 2 * length) > ours  # attention grows with L
+    assert model_shape(model).flops_per_token(2 * length) > ours  # attention grows with L
 
 
 def test_gpt2_conv1d_layers_are_counted():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=512, n_embd=64, n_layer=2, n_head=4,
                                        attn_implementation="eager"))
-    assert training_flops_per_token(model, 128) == pytest.approx(counted_flops_per_token(model, 128), rel=0.05)
+    assert model_shape(model).flops_per_token(128) == pytest.approx(counted_flops_per_token(model, 128), rel=0.05)
 
 
 def test_meter_reports_tflops_mfu_and_data_share_from_its_steps():
-    meter = Meter(peak_flops=1e12)
+    from raytrain.config import TrainConfig
+    model = ModelShape(weights=5e9 / 1024 / 6, layers=0, attention_width=0)  # 5e9 FLOPs per 1,024-token step
+    meter = Meter(TrainConfig(), model, peak_flops=1e12)
     meter.start()
     plan = StepPlan(1, 128, 8, torch.zeros(8).numpy(), 1, 8)
     with meter.waiting_for_data():
         sum(range(10**5))
-    meter.update(torch.tensor(2.0, dtype=torch.float64), True, 3.0, 1024, 5e9)
-    meter.update(torch.tensor(float("nan"), dtype=torch.float64), False, None, 1024, 5e9)
+    meter.update(plan, torch.tensor(2.0, dtype=torch.float64), True, 3.0)
+    meter.update(plan, torch.tensor(float("nan"), dtype=torch.float64), False, None)
     record = meter.flush(plan, 2048, 1e-3)
     assert record["loss"] == 2.0 and record["skipped"] == 1 and record["grad_norm"] == 3.0
     assert record["tflops"] == pytest.approx(1e10 / record["interval_s"] / 1e12)
@@ -48,7 +51,7 @@ def test_meter_reports_tflops_mfu_and_data_share_from_its_steps():
 
 
 def test_the_log_line_shows_tflops_mfu_grad_norm_and_memory(tmp_path, capsys):
-    from raytrain.recipe import RunLog
+    from raytrain.runlog import RunLog
     RunLog(tmp_path, 10).metrics({"step": 5, "tokens": 4096, "seq_len": 128, "rows": 8, "loss": 2.5, "lr": 1e-3,
                                   "skipped": 0, "grad_norm": 0.75, "tokens_per_s": 9000.0, "tflops": 0.123,
                                   "mfu": 0.256, "data_wait": 0.012, "peak_memory_gb": 1.5, "interval_s": 0.5,

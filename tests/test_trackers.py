@@ -8,49 +8,17 @@ import pytest
 import yaml
 
 from raytrain.cli import main
-from raytrain.config import load_config
-from raytrain.trackers import MLflow, numeric
-from tests.test_training import TINY, read_jsonl
-from tests.trackers_read import mlflow_client, mlflow_metrics, tensorboard_scalars, wandb_runs
+from raytrain.loading import load_config
+from tests.helpers import TINY, read_jsonl
+from tests.trackers_read import (
+    assert_every_tracker_holds_the_records,
+    assert_holds,
+    expected,
+    mlflow_client,
+    tensorboard_scalars,
+)
 
 ALL = "run.loggers=[tensorboard,mlflow,wandb]"
-
-
-def expected(run_dir) -> dict[str, dict[int, float]]:
-    """{name: {step: value}} from the jsonl files, as the trackers should hold it."""
-    points = {}
-    for kind in ("metrics", "eval"):
-        for record in read_jsonl(run_dir / f"{kind}.jsonl"):
-            for key, value in numeric(record, kind).items():
-                points.setdefault(key, {})[record["step"]] = value
-    return points
-
-
-def assert_holds(tracked: dict[str, list[tuple[int, float]]], want: dict[str, dict[int, float]], name=lambda k: k):
-    for key, by_step in want.items():
-        steps = [step for step, _ in tracked[name(key)]]
-        assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
-        got = dict(tracked[name(key)])
-        assert set(got) == set(by_step), key
-        assert [got[s] for s in sorted(got)] == pytest.approx([by_step[s] for s in sorted(got)], rel=1e-6), key
-
-
-FULL_RUN = {"loss", "tokens", "lr", "mfu", "grad_norm", "val/loss@64", "val/loss@256/pos128-255"}
-
-
-def assert_every_tracker_holds_the_records(run_dir, ignore=(), need=FULL_RUN):
-    """``ignore``: names whose values may differ (a resumed run's timing: the trackers keep the first attempt's)."""
-    want = {k: v for k, v in expected(run_dir).items() if k not in ignore}
-    assert need <= set(want)
-    assert_holds(tensorboard_scalars(run_dir), want)
-    assert_holds(mlflow_metrics(run_dir), want, MLflow.key)
-    (run,) = wandb_runs(run_dir).values()  # one W&B run, however many attempts
-    history = {}
-    for step, values in run["history"].items():
-        for key, value in values.items():
-            history.setdefault(key, []).append((step, value))
-    assert_holds(history, want)
-    return run
 
 
 def test_trackers_skip_what_an_earlier_attempt_sent_and_continue_the_same_runs(tmp_path):
@@ -79,7 +47,7 @@ def test_trackers_skip_what_an_earlier_attempt_sent_and_continue_the_same_runs(t
 
 @pytest.fixture(scope="module")
 def runs(ray_session, cache_dir, tmp_path_factory):
-    from raytrain.train import fit
+    from raytrain.launch import fit
     root = tmp_path_factory.mktemp("tracked")
     common = TINY + [f"data.cache_dir={cache_dir}", f"run.dir={root}"]
     fit(load_config(None, common + [ALL, "run.name=plain"]))
@@ -115,7 +83,7 @@ def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_sessio
     from mlflow import MlflowClient
 
     from raytrain.tune import tune_main
-    from tests.test_tune import TINY_BASE
+    from tests.helpers import TINY_BASE
     base = {**TINY_BASE, "data.cache_dir": cache_dir, "run.loggers": ["tensorboard", "mlflow", "wandb"],
             "lengths.schedule": "staged", "lengths.stages": [[4, 64]]}
     # a list-valued key: Tune would read a raw list as a nested search space, so raytrain passes JSON text

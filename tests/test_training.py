@@ -2,24 +2,18 @@
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from raytrain.cli import main
-from raytrain.config import load_config
-from raytrain.lengths import build_schedule
-from raytrain.train import checkpoint_dirs
+from raytrain.loading import load_config
+from raytrain.steps import build_schedule
+from tests.helpers import TINY, checkpoint_dirs, read_jsonl
 
 pytestmark = pytest.mark.ray
 
-TINY = ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
-        "lengths.min=32", "lengths.max=128", "lengths.multiple_of=32",
-        "train.tokens_per_step=1024", "train.max_steps=6", "train.log_every=1", "train.warmup_steps=2",
-        "train.micro_batch_tokens=256", "eval.lengths=[64,256]", "eval.every=3", "eval.tokens=2048",
-        "data.windows=sequential", "data.cross_documents=false"]
 RUNS = {  # name: extra overrides
     "zero1": ["deepspeed.zero_stage=1"],  # through the CLI, end to end
     "zero2": ["deepspeed.zero_stage=2"],
@@ -28,7 +22,7 @@ RUNS = {  # name: extra overrides
     **{f"bf16_zero{stage}": [f"deepspeed.zero_stage={stage}", "train.precision=bf16"] for stage in range(4)},
     "bf16_one_worker": ["deepspeed.zero_stage=0", "scaling.num_workers=1", "train.precision=bf16"],
     "recompute_zero3": ["deepspeed.zero_stage=3", "model.activation_checkpointing=true"],
-    "chunked_zero2": ["deepspeed.zero_stage=2", "train.loss_chunk_tokens=48"],  # head + loss 48 positions at a time
+    "chunked_zero3": ["deepspeed.zero_stage=3", "train.loss_chunk_tokens=48"],  # head + loss 48 positions at a time
 }
 # bf16 against fp32 over the same 6 steps: bf16 keeps 8 significant bits (relative rounding up to 2**-9 = 0.2%
 # per value), but the errors are independent across the 1,024 targets a step averages, so the loss moves by
@@ -37,14 +31,10 @@ RUNS = {  # name: extra overrides
 BF16_REL = 1e-3
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def runs(ray_session, cache_dir, tmp_path_factory):
-    from raytrain.engine import COMM_OP, extensions_dir
-    from raytrain.train import fit
+    from raytrain.launch import fit
+    from raytrain.ops import COMM_OP, extensions_dir
     root = tmp_path_factory.mktemp("runs")
     common = TINY + [f"data.cache_dir={cache_dir}", f"run.dir={root}"]
     for name, extra in RUNS.items():
@@ -64,7 +54,7 @@ def runs(ray_session, cache_dir, tmp_path_factory):
 
 
 def test_a_lock_left_by_a_killed_op_build_is_reported_and_cleared(runs):
-    from raytrain.engine import COMM_OP, extensions_dir
+    from raytrain.ops import COMM_OP, extensions_dir
     out = (runs / "zero1.out").read_text()
     assert f"warning: removed a lock file left by a build that did not finish ({extensions_dir() / COMM_OP}/lock)" \
         in out
@@ -113,18 +103,18 @@ def test_loss_starts_near_uniform_and_falls(runs):
 
 @pytest.mark.parametrize("name", ["zero1", "zero3", "one_worker"])
 def test_records_carry_model_tflops_mfu_grad_norm_and_memory(runs, name):
-    from raytrain.model import build_model, training_flops_per_token
+    from raytrain.model import build_model, model_shape
     cfg = load_config(str(runs / name / "config.yaml"), environment=False)
     model = build_model(cfg.model, 257, 256)
     previous = 0
     for m in read_jsonl(runs / name / "metrics.jsonl"):  # log_every = 1: one step per record
-        flops = (m["tokens"] - previous) * training_flops_per_token(model, m["seq_len"])
+        flops = (m["tokens"] - previous) * model_shape(model).flops_per_token(m["seq_len"])
         previous = m["tokens"]
         assert m["tflops"] == pytest.approx(flops / m["interval_s"] / 1e12, rel=1e-9)
-        assert m["mfu"] > 0 and m["grad_norm"] > 0 and 0 <= m["data_wait"] < 0.5 and m["peak_memory_gb"] > 0.1
+        assert m["mfu"] > 0 and m["grad_norm"] > 0 and 0 <= m["data_wait"] < 0.5 and 0 < m["peak_memory_gb"] < 1
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "recompute_zero3", "chunked_zero2"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "recompute_zero3", "chunked_zero3"])
 def test_zero_stages_match_step_for_step(runs, name):
     reference = read_jsonl(runs / "zero1" / "metrics.jsonl")
     other = read_jsonl(runs / name / "metrics.jsonl")

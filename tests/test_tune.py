@@ -11,24 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytrain.config import ConfigError, load_config
-from raytrain.tune import _base_path, candidates, load_spec
+from raytrain.loading import load_config
+from raytrain.section import ConfigError
+from raytrain.tune_spec import base_path_of, candidates, load_spec
+from tests.helpers import TINY_BASE, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BASE = {"model.hidden_size": 32, "model.num_layers": 1, "model.intermediate_size": 64,
-             "lengths.min": 32, "lengths.max": 128, "lengths.multiple_of": 32,
-             "train.max_steps": 16, "train.tokens_per_step": 1024, "train.log_every": 4, "train.warmup_steps": 2,
-             "eval.every": 4, "eval.tokens": 1024, "eval.lengths": [64], "run.checkpoint_every": 4,
-             "scaling.num_workers": 1}
-
-
-def write_spec(tmp_path, **fields):
-    spec = {"name": "t", "dir": str(tmp_path / "exp"), "base": {"overrides": TINY_BASE}, **fields}
-    path = tmp_path / "tune.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
-
-
 def problems(tmp_path, **fields):
     with pytest.raises(ConfigError) as err:
         load_spec(write_spec(tmp_path, **fields))
@@ -40,7 +28,7 @@ def test_every_shipped_tune_config_validates(path):
     spec = load_spec(str(path))
     assert spec.search and spec.objective.metric.startswith("val/loss@")
     if "cluster" not in path.name:  # the cluster search's paths live on the cluster's shared volume
-        trials, notes = candidates(spec, _base_path(spec, str(path)))
+        trials, notes = candidates(spec, base_path_of(spec, str(path)))
         assert len(trials) == spec.num_samples and not notes
 
 
@@ -64,11 +52,11 @@ def test_invalid_combinations_are_redrawn_or_skipped_with_a_note(tmp_path):
     path = write_spec(tmp_path, num_samples=5, search={"lengths.min": {"choice": [64, 512]},
                                                        "train.lr": {"loguniform": [1e-4, 1e-2]}})
     spec = load_spec(path)
-    trials, notes = candidates(spec, _base_path(spec, path))
+    trials, notes = candidates(spec, base_path_of(spec, path))
     assert len(trials) == 5 and {t["lengths.min"] for t in trials} == {64} and not notes  # 512 > max: redrawn
     path = write_spec(tmp_path, search={"lengths.min": {"grid": [32, 64, 512]}})
     spec = load_spec(path)
-    trials, notes = candidates(spec, _base_path(spec, path))
+    trials, notes = candidates(spec, base_path_of(spec, path))
     assert [t["lengths.min"] for t in trials] == [32, 64]
     assert notes == ["skipped {'lengths.min': 512}: lengths.min = 512: must be <= lengths.max (128)"]
 
@@ -173,7 +161,7 @@ def test_a_search_in_which_every_trial_fails_says_so_and_why(ray_session, tmp_pa
 
 
 def test_candidates_travel_through_tune_as_json_text_and_come_back_equal():
-    from raytrain.tune import as_tune_point, from_tune_point
+    from raytrain.tune_spec import as_tune_point, from_tune_point
     trial = {"train.lr": 0.002, "lengths.stages": [[30, 256], [60, 512]], "lengths.schedule": "staged"}
     point = as_tune_point(trial)
     assert all(isinstance(v, str) for v in point.values()) and from_tune_point(point, trial) == trial
@@ -187,11 +175,11 @@ def test_every_schedule_study_config_validates(path):
         assert cfg.lengths.max == 1024 and 1024 in cfg.eval.lengths and cfg.scaling.num_workers == 1
         return
     spec = load_spec(str(path))
-    trials, notes = candidates(spec, _base_path(spec, str(path)))
+    trials, notes = candidates(spec, base_path_of(spec, str(path)))
     schedule = path.stem
     assert not notes and len(trials) == (3 if schedule == "fixed" else 6)
     assert {t["train.lr"] for t in trials} == {0.002, 0.004, 0.008}
     assert spec.objective.metric == "val/loss@1024" and spec.scheduler.time_attr == "tokens"
-    base = load_config(str(_base_path(spec, str(path))), [f"lengths.schedule={schedule}"] +
+    base = load_config(str(base_path_of(spec, str(path))), [f"lengths.schedule={schedule}"] +
                        (["lengths.stages=[[30,256]]"] if schedule == "staged" else []), environment=False)
     assert base.train.max_steps * base.train.tokens_per_step == 819_200  # equal tokens for every schedule

@@ -4,6 +4,11 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
+from raytrain.trackers import MLflow, numeric
+from tests.helpers import read_jsonl
+
 
 def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -69,3 +74,40 @@ def wandb_runs(run_dir: Path) -> dict[str, dict]:
                 assert not set(values) - {"_runtime", "_timestamp"} & set(history), f"step {step} logged twice"
                 history.update(values)
     return runs
+
+
+def expected(run_dir) -> dict[str, dict[int, float]]:
+    """{name: {step: value}} from the jsonl files, as the trackers should hold it."""
+    points = {}
+    for kind in ("metrics", "eval"):
+        for record in read_jsonl(run_dir / f"{kind}.jsonl"):
+            for key, value in numeric(record, kind).items():
+                points.setdefault(key, {})[record["step"]] = value
+    return points
+
+
+def assert_holds(tracked: dict[str, list[tuple[int, float]]], want: dict[str, dict[int, float]], name=lambda k: k):
+    for key, by_step in want.items():
+        steps = [step for step, _ in tracked[name(key)]]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
+        got = dict(tracked[name(key)])
+        assert set(got) == set(by_step), key
+        assert [got[s] for s in sorted(got)] == pytest.approx([by_step[s] for s in sorted(got)], rel=1e-6), key
+
+
+FULL_RUN = {"loss", "tokens", "lr", "mfu", "grad_norm", "val/loss@64", "val/loss@256/pos128-255"}
+
+
+def assert_every_tracker_holds_the_records(run_dir, ignore=(), need=FULL_RUN):
+    """``ignore``: names whose values may differ (a resumed run's timing: the trackers keep the first attempt's)."""
+    want = {k: v for k, v in expected(run_dir).items() if k not in ignore}
+    assert need <= set(want)
+    assert_holds(tensorboard_scalars(run_dir), want)
+    assert_holds(mlflow_metrics(run_dir), want, MLflow.key)
+    (run,) = wandb_runs(run_dir).values()  # one W&B run, however many attempts
+    history = {}
+    for step, values in run["history"].items():
+        for key, value in values.items():
+            history.setdefault(key, []).append((step, value))
+    assert_holds(history, want)
+    return run

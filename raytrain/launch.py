@@ -1,0 +1,107 @@
+"""The driver: prepare the corpus once, start (or join) Ray, run ``train_worker`` on Ray Train workers."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import yaml
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+
+from raytrain.config import Config, ScalingConfig, flatten
+from raytrain.data import check_corpus, open_corpus
+from raytrain.errors import TrainingStopped
+from raytrain.ops import build_comm_op
+from raytrain.prepare import prepare
+from raytrain.section import ConfigError
+from raytrain.tokenizer import load_tokenizer
+from raytrain.train import train_worker
+
+STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early (non-finite losses)
+# Keys a resumed run may change: where and how wide it runs, not what it computes (the loss is normalized over
+# the global step, so any number of workers and any ZeRO stage gives the same update).
+RESUMABLE = ("scaling.", "deepspeed.zero_stage", "run.max_failures", "run.keep_checkpoints", "run.loggers")
+
+
+def run_directory(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.lengths.schedule}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(cfg.run.dir).expanduser().resolve() / name
+
+
+def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
+    """Train ``cfg`` on ``scaling.num_workers`` Ray Train workers; ``runtime_env`` is merged into theirs."""
+    run_dir = run_directory(cfg)
+    cfg.run.name = run_dir.name
+    check_same_run(run_dir, cfg)
+    worker_vars = worker_env_vars(cfg.scaling.use_gpu, os.environ)
+    os.environ.setdefault("DS_ACCELERATOR", worker_vars["DS_ACCELERATOR"])
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env={"env_vars": worker_vars})
+    corpus_dir = prepare(cfg.data, cfg.tokenizer)
+    corpus = open_corpus(corpus_dir)
+    check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
+    if not cfg.scaling.use_gpu:  # once, here, where its progress shows: never a silent wait in the workers
+        build_comm_op(print)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "corpus.json").write_text(json.dumps({"directory": str(corpus_dir), "train_tokens": corpus.train.size,
+                                                     "val_tokens": corpus.val.size}))
+    load_tokenizer(cfg.tokenizer).save_pretrained(run_dir / "tokenizer")  # the export's; workers never load one
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**worker_vars, **env.get("env_vars", {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
+                           "corpus": str(corpus_dir), "tokenizer_dir": str(run_dir / "tokenizer")},
+        scaling_config=scaling_config(cfg.scaling),
+        # Same name and storage as an earlier attempt: Ray Train resumes from its newest checkpoint.
+        run_config=RunConfig(name=run_dir.name, storage_path=cfg.run.storage or str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             callbacks=list(callbacks), worker_runtime_env=env),
+    )
+    (run_dir / STOPPED).unlink(missing_ok=True)
+    result = trainer.fit()
+    print(f"run directory: {run_dir}")
+    if (run_dir / STOPPED).exists():  # the workers ended the run on purpose; say why
+        raise TrainingStopped((run_dir / STOPPED).read_text())
+    return result
+
+
+def worker_env_vars(use_gpu: bool, here: dict) -> dict[str, str]:
+    """The workers' environment: DeepSpeed's accelerator, and on GPU an allocator for shapes that vary per step.
+
+    Every step has its own (rows, L), so the CUDA caching allocator would keep
+    carving differently sized blocks and fragment; expandable segments grow one
+    mapping instead (PyTorch's advice for varying shapes). A value the user set
+    (``PYTORCH_CUDA_ALLOC_CONF`` here) is kept.
+    """
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    if use_gpu:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = here.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
+
+
+def scaling_config(scaling: ScalingConfig):
+    from ray.train import ScalingConfig as RayScaling  # beside raytrain's own ScalingConfig
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                      placement_strategy=scaling.placement_strategy)
+
+
+def check_same_run(run_dir: Path, cfg: Config) -> None:
+    """Re-running a run name resumes it, which is exact only with the same config (where and how wide it runs
+    aside: ``RESUMABLE``)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = flatten(yaml.safe_load(saved.read_text())), flatten(cfg.model_dump(mode="json"))
+    changed = [key for key in new if old.get(key) != new[key] and not key.startswith(RESUMABLE)]
+    if changed:
+        raise ConfigError([(key, new[key], f"run {run_dir} exists with {key} = {old.get(key)!r}; re-running a "
+                            f"run resumes it, so keep its value or choose a new run.name") for key in changed])

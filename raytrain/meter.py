@@ -1,0 +1,122 @@
+"""The meter: steps aggregated into one record per log interval, with the only ``.item()`` at log time.
+
+It decides its own cadence (``due``), counts non-finite steps (``exhausted``),
+and its state (the open interval, the skip counters, the training time so far)
+goes into every checkpoint, so a resumed run's records equal an uninterrupted
+run's whether or not the interval was open at the checkpoint.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from typing import Optional
+
+import psutil
+import torch
+
+from raytrain.config import TrainConfig
+from raytrain.steps import ModelShape
+
+
+class MemoryGauge:
+    """Bytes training holds at its peak: the GPU allocator's peak; on CPU this process's peak resident memory
+    above what it held when the gauge was made (before the model: Python, torch, Ray, the communication op), so
+    both count what training allocates."""
+
+    def __init__(self):
+        self.baseline = psutil.Process().memory_info().rss
+
+    def peak(self) -> int:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline  # Linux: KiB
+
+
+STATE = ("loss_sum", "targets", "skipped", "bad_in_a_row", "interval_s", "elapsed_s", "interval_tokens", "flops",
+         "data_s", "norm_sum", "norms")
+
+
+class Meter:
+    """Aggregates steps into one record per ``train.log_every`` steps (and the last); ``peak_flops`` is the whole
+    job's (every worker's device) for MFU."""
+
+    def __init__(self, train: TrainConfig, model: ModelShape, peak_flops: float = float("nan"),
+                 memory: Optional[MemoryGauge] = None, log=None):
+        self.log_every, self.max_steps, self.max_nonfinite = train.log_every, train.max_steps, train.max_nonfinite
+        self.model, self.peak_flops, self.memory, self.log = model, peak_flops, memory or MemoryGauge(), log
+        self.loss_sum, self.targets, self.skipped, self.bad_in_a_row = 0.0, 0, 0, 0
+        self.interval_s, self.elapsed_s, self.interval_tokens = 0.0, 0.0, 0
+        self.flops, self.data_s, self.norm_sum, self.norms = 0.0, 0.0, 0.0, 0
+        self._started: Optional[float] = None
+
+    def due(self, step: int) -> bool:
+        """A record is due after ``step`` steps."""
+        return step % self.log_every == 0 or step == self.max_steps
+
+    @property
+    def exhausted(self) -> bool:
+        """Too many non-finite losses in a row: the run stops."""
+        return self.bad_in_a_row >= self.max_nonfinite
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def pause(self) -> None:
+        """Stop the training clock (evaluation and checkpoints are not training time)."""
+        if self._started is not None:
+            spent = time.perf_counter() - self._started
+            self.interval_s, self.elapsed_s, self._started = self.interval_s + spent, self.elapsed_s + spent, None
+
+    @contextmanager
+    def paused(self):
+        self.pause()
+        yield
+        self.start()
+
+    @contextmanager
+    def waiting_for_data(self):
+        """Time the step waited for its batches (the share of step time waiting for data)."""
+        start = time.perf_counter()
+        yield
+        self.data_s += time.perf_counter() - start
+
+    def update(self, step, loss, finite: bool, grad_norm) -> None:
+        """Count a trained step (a StepPlan) with its loss tensor, finiteness and gradient norm."""
+        targets = step.targets
+        self.interval_tokens, self.flops = self.interval_tokens + targets, self.flops + step.flops(self.model)
+        if grad_norm is not None:
+            self.norm_sum, self.norms = self.norm_sum + grad_norm, self.norms + 1
+        if finite:
+            self.loss_sum = self.loss_sum + loss * targets  # a tensor: no host sync until flush
+            self.targets += targets
+            self.bad_in_a_row = 0
+        else:
+            self.skipped, self.bad_in_a_row = self.skipped + 1, self.bad_in_a_row + 1
+            if self.log:
+                self.log.say(f"step {step.step + 1}: non-finite loss {float(loss)} at seq_len {step.length}; update "
+                             f"skipped ({self.bad_in_a_row} in a row, {self.skipped} in all)")
+
+    def flush(self, step, tokens: int, lr: float) -> dict:
+        """The interval's record (loss token-weighted over its finite steps), ending with ``step`` (a StepPlan);
+        opens the next interval."""
+        self.pause()
+        loss = float(self.loss_sum) / self.targets if self.targets else None
+        seconds = max(self.interval_s, 1e-9)
+        record = {"step": step.step + 1, "tokens": tokens, "seq_len": step.length, "rows": step.rows, "loss": loss,
+                  "lr": lr, "skipped": self.skipped, "grad_norm": float(self.norm_sum) / self.norms if self.norms
+                  else None, "tokens_per_s": self.interval_tokens / seconds, "tflops": self.flops / seconds / 1e12,
+                  "mfu": self.flops / seconds / self.peak_flops, "data_wait": self.data_s / seconds,
+                  "peak_memory_gb": self.memory.peak() / 2**30, "interval_s": self.interval_s,
+                  "elapsed_s": self.elapsed_s}
+        self.loss_sum, self.targets, self.interval_s, self.interval_tokens = 0.0, 0, 0.0, 0
+        self.flops, self.data_s, self.norm_sum, self.norms = 0.0, 0.0, 0.0, 0
+        self.start()
+        return record
+
+    def state_dict(self) -> dict:
+        return {key: float(v) if torch.is_tensor(v := getattr(self, key)) else v for key in STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in STATE:
+            setattr(self, key, state[key])

@@ -1,0 +1,214 @@
+"""A search's spec (the tune config), its validation, and the candidates it draws.
+
+Candidates are drawn up front (Tune's own distributions, seeded) and each is
+validated as a full training config before anything launches: an invalid
+combination (min above max, ...) is redrawn, or skipped with a note when only
+grid values make it invalid, and one that cannot fit in memory is skipped with
+``raytrain plan``'s numbers.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from raytrain.config import Config, flatten
+from raytrain.lengths import SCHEDULES
+from raytrain.loading import apply_overrides, load_config, read_yaml, validate_section
+from raytrain.plan import fit_problem
+from raytrain.section import ConfigError, Section
+
+DISTRIBUTIONS = {"choice", "uniform", "loguniform", "randint", "quniform", "grid"}
+REDRAWS = 50
+
+
+class BaseRun(Section):
+    config: Optional[str] = None
+    """Training config file (relative to the tune config) every trial starts from; null for the defaults."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Training keys set for every trial, e.g. {train.max_steps: 60}."""
+
+
+class Objective(Section):
+    metric: str = "val/loss@max"
+    """val/loss@max (the trial's lengths.max), val/loss@mean (over eval.lengths), or val/loss@L for an eval length."""
+    mode: Literal["min", "max"] = "min"
+    """min for losses."""
+
+
+class Scheduler(Section):
+    type: Literal["asha", "fifo"] = "asha"
+    """asha stops the worst trials early; fifo runs every trial to the end."""
+    time_attr: Literal["tokens", "elapsed_s"] = "tokens"
+    """The time axis ASHA compares trials on: tokens seen, or training wall time in seconds."""
+    grace_period: Optional[float] = Field(None, gt=0)
+    """Time (in time_attr units) every trial gets before it can be stopped; null: an eighth of the run."""
+    reduction_factor: float = Field(2, gt=1)
+    """ASHA keeps 1 / reduction_factor of the trials at each rung."""
+
+
+class TuneSpec(Section):
+    name: str = "search"
+    """Experiment name: the directory under dir."""
+    dir: str = "runs/tune"
+    """Parent of the experiment directory."""
+    base: BaseRun = BaseRun()
+    search: dict[str, Any] = Field(default_factory=dict)
+    """Training key -> one distribution: choice, uniform, loguniform, randint, quniform or grid."""
+    num_samples: int = Field(4, ge=1)
+    """Random draws (each crossed with every grid combination)."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds the draws (0 to 2**32 - 1)."""
+    objective: Objective = Objective()
+    scheduler: Scheduler = Scheduler()
+    max_concurrent: Optional[int] = Field(None, ge=1)
+    """Trials at once; null: as many as the cluster's CPUs (or GPUs) host, given each trial's workers."""
+
+
+def load_spec(path: str, overrides: list[str] = ()) -> TuneSpec:
+    """Read and validate a tune config; every problem is reported at once."""
+    raw = read_yaml(path, "tune config")
+    problems = apply_overrides(raw, list(overrides))
+    spec, found = validate_section(TuneSpec, raw, "")
+    problems += found
+    base_path = base_path_of(spec, path)
+    if not spec.search:
+        problems.append(("search", spec.search, "is empty: give at least one training key to search, e.g. "
+                                                "{train.lr: {loguniform: [1.0e-4, 1.0e-2]}}"))
+    problems += search_problems(spec, base_path)
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def base_path_of(spec: TuneSpec, tune_path: str) -> Optional[str]:
+    return None if spec.base.config is None else str(Path(tune_path).parent / spec.base.config)
+
+
+def base_config(spec: TuneSpec, base_path: Optional[str], extra: list[str] = (), environment: bool = True) -> Config:
+    overrides = [f"{k}={json.dumps(v)}" for k, v in spec.base.overrides.items()] + list(extra)
+    return load_config(base_path, overrides, environment=environment, adapt_lengths=True)
+
+
+def search_problems(spec: TuneSpec, base_path: Optional[str]) -> list:
+    problems = []
+    try:
+        base = base_config(spec, base_path, environment=False)
+    except ConfigError as err:
+        return [("base." + key, value, fix) for key, value, fix in err.problems]
+    keys = set(flatten(base.model_dump(mode="json")))
+    for key, dist in spec.search.items():
+        where = f"search.{key}"
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=1)
+            problems.append((where, dist, "not a training key" + (f"; did you mean '{close[0]}'?" if close else "")))
+            continue
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            problems.append((where, dist,
+                             f"write one distribution: {{NAME: args}} with NAME in {sorted(DISTRIBUTIONS)}"))
+            continue
+        kind, args = next(iter(dist.items()))
+        if not isinstance(args, list) or not args:
+            problems.append((where, dist, f"{kind} needs a non-empty list" + (" of values" if kind in ("choice", "grid")
+                                                                             else "")))
+        elif kind in ("uniform", "loguniform", "randint", "quniform"):
+            need = 3 if kind == "quniform" else 2
+            if len(args) != need or not all(isinstance(a, (int, float)) for a in args):
+                problems.append((where, dist, f"{kind} takes [{'lo, hi, q' if need == 3 else 'lo, hi'}] numbers"))
+            elif args[0] >= args[1]:
+                problems.append((where, dist, f"bounds reversed or empty: lo ({args[0]}) must be below hi ({args[1]})"))
+            elif kind == "loguniform" and args[0] <= 0:
+                problems.append((where, dist, "loguniform bounds must be positive"))
+    metric = spec.objective.metric
+    lengths = set(base.eval.lengths)
+    if "lengths.max" not in spec.search:
+        lengths.add(base.lengths.max)
+    valid = {"val/loss@max", "val/loss@mean"} | {f"val/loss@{L}" for L in lengths}
+    if metric not in valid:
+        problems.append(("objective.metric", metric, f"not a reported metric; choose one of {sorted(valid)}"))
+    return problems
+
+
+def _domain(kind: str, args: list):
+    from ray import tune
+    return {"choice": lambda: tune.choice(args), "uniform": lambda: tune.uniform(*args),
+            "loguniform": lambda: tune.loguniform(*args), "randint": lambda: tune.randint(args[0], args[1] + 1),
+            "quniform": lambda: tune.quniform(*args)}[kind]()
+
+
+def candidates(spec: TuneSpec, base_path: Optional[str]) -> tuple[list[dict], list[str]]:
+    """The trials to launch (each a dict of searched keys -> values, validated) and notes on what was skipped.
+
+    Grid keys are crossed; random keys are drawn num_samples times with Tune's
+    distributions. A draw whose config is invalid is redrawn (up to REDRAWS times).
+    """
+    rng = np.random.RandomState(spec.seed)
+    base_schedule = base_config(spec, base_path, environment=False).lengths.schedule
+    grid = {k: next(iter(d.values())) for k, d in spec.search.items() if "grid" in d}
+    random = {k: _domain(*next(iter(d.items()))) for k, d in spec.search.items() if "grid" not in d}
+    trials, notes = [], []
+    for point in itertools.product(*grid.values()) if grid else [()]:
+        fixed = dict(zip(grid, point))
+        for _sample in range(spec.num_samples):
+            for _ in range(REDRAWS):
+                params = unread_as_none({**fixed, **{k: _plain(d.sample(random_state=rng)) for k, d in random.items()}},
+                                        base_schedule)
+                problem = trial_problem(spec, base_path, params)
+                if problem is None:
+                    trials.append(params)
+                    break
+                if not random:  # nothing to redraw: the grid point itself is invalid
+                    break
+            if problem is not None:
+                notes.append(f"skipped {params}: {problem}")
+            if not random:
+                break  # a pure grid point is one trial, not num_samples copies
+    return trials, notes
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def unread_as_none(params: dict, base_schedule: str) -> dict:
+    """A search over schedules crossed with one schedule's own key (say lengths.warmup_steps) gives trials
+    whose schedule does not read that key: it is left out of their config and shown as None."""
+    schedule = SCHEDULES.get(params.get("lengths.schedule", base_schedule))
+    return {k: None if schedule and k.startswith("lengths.") and k[8:] not in schedule.model_fields else v
+            for k, v in params.items()}
+
+
+def trial_overrides(params: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in params.items() if v is not None]
+
+
+def trial_problem(spec: TuneSpec, base_path: Optional[str], params: dict) -> Optional[str]:
+    """Why a candidate cannot run: an invalid config, or a plan that does not fit in memory (``raytrain plan``)."""
+    try:
+        cfg = trial_config(spec, base_path, params, "check", "/tmp")
+    except ConfigError as err:
+        return "; ".join(f"{k} = {v!r}: {fix}" for k, v, fix in err.problems)
+    return fit_problem(cfg)
+
+
+def trial_config(spec: TuneSpec, base_path: Optional[str], params: dict, name: str, runs_dir: str) -> Config:
+    cfg = base_config(spec, base_path, trial_overrides(params) + [f"run.name={name}", f"run.dir={runs_dir}",
+                                                                  f"run.group={spec.name}"])
+    if cfg.lengths.max not in cfg.eval.lengths:  # the objective val/loss@max needs it evaluated
+        cfg.eval.lengths = sorted(cfg.eval.lengths + [cfg.lengths.max])
+    return cfg
+
+
+def as_tune_point(params: dict) -> dict[str, str]:
+    """A candidate as Tune carries it: each value as JSON text. Tune reads a list value (lengths.stages) as a
+    nested search space and fails on it; a string is opaque to it."""
+    return {key: json.dumps(value) for key, value in params.items()}
+
+
+def from_tune_point(point: dict, keys) -> dict:
+    return {key: json.loads(point[key]) for key in keys}
