@@ -20,10 +20,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot: int):
     else:
         model = LlamaForCausalLM(tiny_llama(cfg, vocab_size, eot))
     if cfg.activation_checkpointing:  # non-reentrant: the variant that composes with ZeRO-3's parameter hooks
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -242,9 +242,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, pr
         torch.manual_seed(0)
         model = build_model(load_config(None, keys + [f"model.activation_checkpointing={checkpointing}"],
                                         environment=False).model, 257, 256)
-        enabled = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else \
-            model.is_gradient_checkpointing
-        assert enabled == checkpointing
+        assert model.is_activation_checkpointing == checkpointing
         model.train()
         windows = torch.randint(0, 257, (3, 33), generator=torch.Generator().manual_seed(1))
         loss = CausalLMLoss(model, eot=256)(windows)
