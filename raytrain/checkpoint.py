@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -84,7 +86,9 @@ class Checkpointer:
     def __init__(self, cfg: Config, rank: int, world: int, log):
         self.every, self.max_steps, self.rank, self.world, self.log = \
             cfg.run.checkpoint_every, cfg.train.max_steps, rank, world, log
-        self.config_yaml = cfg.to_yaml()
+        self.config_yaml, self.asynchronous = cfg.to_yaml(), cfg.run.checkpoint_upload == "async"
+        self.uploaded = threading.Event()  # set when the newest checkpoint's upload has ended
+        self.uploaded.set()
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -129,32 +133,86 @@ class Checkpointer:
             ray.train.report(metrics)
 
     def save(self, engine, state: LoopState, meter, metrics: dict) -> None:
-        """Write this rank's part and hand the checkpoint to Ray to upload in the background (a barrier on all
-        ranks); waits first for the previous upload, so at most one is in flight."""
+        """Snapshot this rank's part into host memory and hand the checkpoint to Ray (a barrier on all ranks).
+
+        Asynchronous (``run.checkpoint_upload``, the default): a background thread
+        writes the snapshot to a local staging directory and Ray's upload thread
+        then copies it to storage, while training goes on; the previous upload is
+        waited for first, so at most one is in flight. Synchronous: both happen
+        before this returns. The training time it blocked is logged and recorded.
+        """
         import ray.train
         started = time.perf_counter()
-        waited = wait_for_uploads()
+        self.uploaded.wait()  # the previous checkpoint's upload: at most one in flight
+        waited, self.uploaded = time.perf_counter() - started, threading.Event()
         staging = Path(tempfile.mkdtemp(prefix="raytrain-checkpoint-"))
-        engine.save_checkpoint(str(staging), tag=ENGINE, client_state={})
+        engine.save_checkpoint(str(staging), tag=ENGINE, client_state={})  # SnapshotWriter: host copies, queued
         if self.rank == 0:
             (staging / CONFIG).write_text(self.config_yaml)
             (staging / STATE).write_text(json.dumps({
                 **state.__dict__, "meter": meter.state_dict(), "world": self.world,
                 "stage": engine.zero_optimization_stage(), "parameters": optimizer_order(engine)}))
-        write_manifest(staging, self.rank)
+        writer, rank, uploaded = engine.checkpoint_engine, self.rank, self.uploaded
+
+        def upload(checkpoint, name: str):  # in Ray's upload thread (asynchronous) or here (synchronous)
+            try:
+                writer.wait()
+                write_manifest(staging, rank)
+                return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+            finally:
+                uploaded.set()
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.asynchronous else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
-        self.log.say(f"checkpoint at step {state.step}: training blocked {time.perf_counter() - started:.2f} s "
-                     f"(of which {waited:.2f} s waiting for the previous upload)")
+                         checkpoint_upload_mode=mode, checkpoint_upload_fn=upload,
+                         delete_local_checkpoint_after_upload=True)
+        blocked = time.perf_counter() - started
+        meter.checkpoint_s += blocked
+        upload_state = "uploading in the background" if self.asynchronous else "uploaded"
+        self.log.say(f"checkpoint at step {state.step}: training blocked {blocked:.2f} s ({waited:.2f} s of it "
+                     f"waiting for the previous upload; {upload_state})")
 
 
 
-def wait_for_uploads() -> float:
-    """Block until every checkpoint handed to Ray is uploaded and registered; the seconds it took."""
-    import ray.train
-    started = time.perf_counter()
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-    return time.perf_counter() - started
+def snapshot_writer():
+    """DeepSpeed's checkpoint engine, made asynchronous (its pluggable ``CheckpointEngine``, as Nebula's and
+    DataStates' are): ``save`` copies a state dict's tensors into host memory (the consistent snapshot: training
+    goes on changing the originals) and a background thread writes the copy with ``torch.save``; ``wait``
+    blocks until every file is written. DeepSpeed still decides what goes into which file."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # at call time: see engine.py
+
+    class SnapshotWriter(CheckpointEngine):
+        def __init__(self):
+            super().__init__(None)
+            self.pool, self.pending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer"), []
+
+        def create(self, info) -> None:
+            pass
+
+        def save(self, state_dict, path: str) -> None:
+            self.pending.append(self.pool.submit(torch.save, host_copy(state_dict), path))
+
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=False)
+
+        def commit(self, info) -> bool:
+            return True
+
+        def wait(self) -> None:
+            pending, self.pending = self.pending, []
+            for future in pending:
+                future.result()
+    return SnapshotWriter()
+
+
+def host_copy(value):
+    """Every tensor in a (nested) state dict copied to host memory; other values as they are."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((k, host_copy(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [host_copy(v) for v in value]
+    return value
 
 
 def newest_checkpoint() -> str:

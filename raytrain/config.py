@@ -123,6 +123,8 @@ class RunConfig(Section):
     """Seeds model init, the length schedule and the data windows (0 to 2**32 - 1)."""
     checkpoint_every: int = Field(80, ge=1)
     """Steps between checkpoints (also at the end); a restart resumes from the newest."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """async: checkpoints are written and uploaded while training goes on; sync: training waits for both."""
     keep_checkpoints: int = Field(2, ge=1)
     """Newest checkpoints kept."""
     max_failures: int = Field(2, ge=0)

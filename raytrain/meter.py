@@ -34,7 +34,7 @@ class MemoryGauge:
 
 
 STATE = ("loss_sum", "targets", "skipped", "bad_in_a_row", "interval_s", "elapsed_s", "interval_tokens", "flops",
-         "data_s", "norm_sum", "norms")
+         "data_s", "norm_sum", "norms", "checkpoint_s")
 
 
 class Meter:
@@ -48,6 +48,7 @@ class Meter:
         self.loss_sum, self.targets, self.skipped, self.bad_in_a_row = 0.0, 0, 0, 0
         self.interval_s, self.elapsed_s, self.interval_tokens = 0.0, 0.0, 0
         self.flops, self.data_s, self.norm_sum, self.norms = 0.0, 0.0, 0.0, 0
+        self.checkpoint_s = 0.0  # training time blocked by checkpoints (not counted in interval_s)
         self._started: Optional[float] = None
 
     def due(self, step: int) -> bool:
@@ -108,9 +109,9 @@ class Meter:
                   else None, "tokens_per_s": self.interval_tokens / seconds, "tflops": self.flops / seconds / 1e12,
                   "mfu": self.flops / seconds / self.peak_flops, "data_wait": self.data_s / seconds,
                   "peak_memory_gb": self.memory.peak() / 2**30, "interval_s": self.interval_s,
-                  "elapsed_s": self.elapsed_s}
+                  "elapsed_s": self.elapsed_s, "checkpoint_s": self.checkpoint_s}
         self.loss_sum, self.targets, self.interval_s, self.interval_tokens = 0.0, 0, 0.0, 0
-        self.flops, self.data_s, self.norm_sum, self.norms = 0.0, 0.0, 0.0, 0
+        self.flops, self.data_s, self.norm_sum, self.norms, self.checkpoint_s = 0.0, 0.0, 0.0, 0, 0.0
         self.start()
         return record
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain.attention import KERNELS, use_document_attention
-from raytrain.checkpoint import Checkpointer, newest_checkpoint
+from raytrain.checkpoint import Checkpointer, newest_checkpoint, snapshot_writer
 from raytrain.config import Config
 from raytrain.data import open_corpus
 from raytrain.devices import peak_flops
@@ -169,7 +169,9 @@ def build_engine(cfg: Config, vocab_size: int, eot: int, world: int):
     if not cfg.data.cross_documents:
         use_document_attention(lm)  # documents kept apart without an L x L mask
     module = CausalLMLoss(lm, None if cfg.data.cross_documents else eot, cfg.train.loss_chunk_tokens)
-    return init_engine(module, deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module)))
+    engine = init_engine(module, deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module)))
+    engine.checkpoint_engine = snapshot_writer()  # checkpoints written in the background (checkpoint.py)
+    return engine
 
 
 def normal_priority() -> None:

@@ -22,7 +22,7 @@ TINY_BASE = {"model.hidden_size": 32, "model.num_layers": 1, "model.intermediate
              "scaling.num_workers": 1}
 
 # Telemetry that depends on time or on the process (a restarted worker starts its memory peak afresh)
-TIMING = {"tokens_per_s", "interval_s", "elapsed_s", "tflops", "mfu", "data_wait", "peak_memory_gb"}
+TIMING = {"tokens_per_s", "interval_s", "elapsed_s", "tflops", "mfu", "data_wait", "peak_memory_gb", "checkpoint_s"}
 
 
 def read_jsonl(path) -> list[dict]:
@@ -41,3 +41,38 @@ def checkpoint_dirs(run_dir) -> list[Path]:
     """A run's checkpoint directories (local storage), oldest first."""
     from raytrain.checkpoint import run_checkpoints
     return [Path(p) for p in run_checkpoints(str(Path(run_dir).parent), Path(run_dir).name)]
+
+
+def train_workers() -> list:
+    import psutil
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def complete_checkpoint_at(storage: Path, step: int) -> bool:
+    """Whether a checkpoint of ``step`` is in ``storage`` with every rank's manifest."""
+    for checkpoint in storage.glob("checkpoint_*"):
+        state = checkpoint / "state.json"
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved["step"] == step and all((checkpoint / f"manifest-rank-{r}.json").is_file()
+                                             for r in range(saved["world"])):
+                return True
+    return False
+
+
+def kill_a_worker_after_checkpoint(storage: Path, step: int, timeout: float = 300):
+    """A thread that SIGKILLs one training worker as soon as the checkpoint of ``step`` is complete in
+    ``storage`` (a run's directory under run.storage): the process dies mid-step, as on a lost node."""
+    import threading
+    import time
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not complete_checkpoint_at(storage, step):
+            time.sleep(0.01)
+        workers = train_workers()
+        if workers:
+            workers[-1].kill()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
