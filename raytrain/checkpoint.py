@@ -173,35 +173,53 @@ class Checkpointer:
 
 
 
-def snapshot_writer():
+def snapshot_writer(engine):
     """DeepSpeed's checkpoint engine, made asynchronous (its pluggable ``CheckpointEngine``, as Nebula's and
-    DataStates' are): ``save`` copies a state dict's tensors into host memory (the consistent snapshot: training
-    goes on changing the originals) and a background thread writes the copy with ``torch.save``; ``wait``
-    blocks until every file is written. DeepSpeed still decides what goes into which file."""
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # at call time: see engine.py
+    DataStates' are), installed on ``engine``. ``save`` only queues a state dict: a background thread copies its
+    tensors into host memory and, once DeepSpeed commits the checkpoint, writes the copies with ``torch.save``;
+    ``wait`` blocks until every file is written. Only an optimizer step changes what a checkpoint holds (weights,
+    master weights, moments), so a pre-step hook on the optimizer waits for the copies: the next step's forward
+    and backward overlap them. DeepSpeed still decides what goes into which file."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # at call time: engine.py
 
     class SnapshotWriter(CheckpointEngine):
         def __init__(self):
             super().__init__(None)
-            self.pool, self.pending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer"), []
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self.copies, self.queued, self.writes = [], [], []
 
         def create(self, info) -> None:
             pass
 
         def save(self, state_dict, path: str) -> None:
-            self.pending.append(self.pool.submit(torch.save, host_copy(state_dict), path))
+            copy = self.pool.submit(host_copy, state_dict)
+            self.copies.append(copy)
+            self.queued.append((copy, path))
+
+        def commit(self, info) -> bool:  # every file of the checkpoint is queued: copies first, then writes
+            queued, self.queued = self.queued, []
+            self.writes += [self.pool.submit(lambda c=c, p=p: torch.save(c.result(), p)) for c, p in queued]
+            return True
 
         def load(self, path: str, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=False)
 
-        def commit(self, info) -> bool:
-            return True
+        def wait_for_copies(self, *args) -> None:
+            copies, self.copies = self.copies, []
+            for copy in copies:
+                copy.result()
 
         def wait(self) -> None:
-            pending, self.pending = self.pending, []
-            for future in pending:
-                future.result()
-    return SnapshotWriter()
+            self.wait_for_copies()
+            writes, self.writes = self.writes, []
+            for write in writes:
+                write.result()
+
+    writer = SnapshotWriter()
+    optimizer = engine.optimizer if engine.zero_optimization_stage() == 0 else engine.optimizer.optimizer
+    optimizer.register_step_pre_hook(writer.wait_for_copies)
+    engine.checkpoint_engine = writer
+    return writer
 
 
 def host_copy(value):

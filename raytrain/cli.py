@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from raytrain.config import reference
-from raytrain.errors import SearchFailed, TrainingStopped
+from raytrain.errors import SearchFailed, StartFailed, TrainingStopped
 from raytrain.loading import load_config
 from raytrain.section import ConfigError
 
@@ -96,7 +96,12 @@ def report(args) -> int:
     return 0
 
 
-HANDLERS = {"prepare": prepare, "train": train, "tune": tune, "plan": plan, "export": export,
+def doctor(args) -> int:
+    from raytrain.doctor import doctor as check_cluster
+    return check_cluster(load_config(args.config, args.overrides, environment=False))
+
+
+HANDLERS = {"prepare": prepare, "train": train, "tune": tune, "plan": plan, "doctor": doctor, "export": export,
             "generate": generate, "eval": evaluate, "report": report}
 
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raytrain: {err}", file=sys.stderr)
         return 2
-    except (TrainingStopped, SearchFailed) as err:
+    except (TrainingStopped, StartFailed, SearchFailed) as err:
         print(f"raytrain: {err}", file=sys.stderr)
         return 1
 
@@ -130,6 +135,13 @@ def parser() -> argparse.ArgumentParser:
         epilog="keys it reads (the data section and tokenizer):\n" + indent(reference(["data", "tokenizer"])))
     config_arguments(prep, "YAML config (only its data section and tokenizer are read)")
     plan_arguments(commands)
+    doc = commands.add_parser(
+        "doctor", help="a minute's check of the cluster a run would use: paths, corpus, drivers, network, storage",
+        description="On the workers the config asks for (the same nodes a run gets): token authentication, "
+                    "data.cache_dir and run.dir visible and writable, the prepared corpus complete, accelerators "
+                    "and their driver, bf16, an all-reduce across all workers (bus bandwidth), run.storage. "
+                    "Prints ok or the fix per check; exits 1 if any fails. Joins RAY_ADDRESS.")
+    config_arguments(doc, "YAML config (the one the run will use)")
     tun = commands.add_parser(
         "tune", help="Ray Tune search over length ranges, schedules and any training key", formatter_class=raw,
         description="Search with Ray Tune: each trial is a full raytrain run on its own Ray Train workers; ASHA "

@@ -48,6 +48,8 @@ class DataConfig(Section):
     """Input bytes per raytrain prepare task and shard; null: a 16th of the corpus (16 to 256 MiB)."""
     cache_dir: str = "~/.cache/raytrain"
     """Where prepared token shards are kept (on a cluster: a path every node shares)."""
+    read_ahead: int = Field(1, ge=0)
+    """Steps whose windows a background thread reads ahead of the step that trains on them (0: none)."""
 
 
 # One model per schedule, chosen by lengths.schedule: each reads only its own keys.
@@ -110,6 +112,8 @@ class ScalingConfig(Section):
     """Peak TFLOP/s of one worker's device for MFU; null: a GPU table, or a matmul measured on CPU."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers' bundles on nodes: PACK fills nodes first, SPREAD uses many."""
+    start_timeout_s: float = Field(600, gt=0)
+    """Seconds the workers may wait to be placed (autoscaled nodes boot) before the run fails, saying why."""
 
 
 class RunConfig(Section):

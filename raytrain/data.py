@@ -10,12 +10,14 @@ Nothing is padded. Workers only open the stream; they never tokenize.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from raytrain.section import ConfigError
+from raytrain.steps import Planner, StepPlan
 
 
 class TokenStream:
@@ -93,3 +95,28 @@ def check_corpus(corpus: Corpus, longest_train: int, eval_lengths: list[int]) ->
                              f"{length + 1}; add data, raise data.val_fraction or lower the length"))
     if problems:
         raise ConfigError(problems)
+
+
+class ReadAhead:
+    """``reader(step) -> (StepPlan, this rank's micro-batches)``, the windows of the next ``depth`` steps read by
+    a background thread while the current step trains. Reading is memory-mapped I/O and numpy copies (the GIL is
+    released), so on a network file system, where random windows of a large corpus never stay in the page cache,
+    the step does not wait for them; the plan is a pure function of the step, so what is read ahead is exactly
+    what the step would have read. ``depth`` 0 reads each step's windows when it starts."""
+
+    def __init__(self, plan: Planner, stream: TokenStream, rank: int, depth: int):
+        self.plan, self.stream, self.rank, self.depth = plan, stream, rank, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") if depth else None
+        self.pending: dict = {}
+
+    def read(self, step: int) -> tuple[StepPlan, list[np.ndarray]]:
+        planned = self.plan(step)
+        return planned, planned.rank_batches(self.stream, self.rank)
+
+    def __call__(self, step: int) -> tuple[StepPlan, list[np.ndarray]]:
+        if not self.depth:
+            return self.read(step)
+        for ahead in range(step, min(step + self.depth + 1, self.plan.train.max_steps)):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(self.read, ahead)
+        return self.pending.pop(step).result()

@@ -3,23 +3,27 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import ray
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+from raytrain.checks import worker_resources
 from raytrain.config import Config, ScalingConfig, flatten
 from raytrain.data import check_corpus, open_corpus
-from raytrain.errors import TrainingStopped
+from raytrain.errors import StartFailed, TrainingStopped
 from raytrain.ops import build_comm_op
 from raytrain.prepare import prepare
 from raytrain.section import ConfigError
 from raytrain.tokenizer import load_tokenizer
 from raytrain.train import train_worker
 
+START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early (non-finite losses)
 # Keys a resumed run may change: where and how wide it runs, not what it computes (the loss is normalized over
 # the global step, so any number of workers and any ZeRO stage gives the same update).
@@ -58,17 +62,55 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
                            "corpus": str(corpus_dir), "tokenizer_dir": str(run_dir / "tokenizer")},
         scaling_config=scaling_config(cfg.scaling),
         # Same name and storage as an earlier attempt: Ray Train resumes from its newest checkpoint.
+        # A worker group that cannot be placed is a controller failure: fail it (after scaling.start_timeout_s),
+        # never retry it forever.
         run_config=RunConfig(name=run_dir.name, storage_path=cfg.run.storage or str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                                          controller_failure_limit=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              callbacks=list(callbacks), worker_runtime_env=env),
     )
     (run_dir / STOPPED).unlink(missing_ok=True)
-    result = trainer.fit()
+    with start_timeout(cfg.scaling.start_timeout_s):
+        try:
+            result = trainer.fit()
+        except ControllerError as err:
+            if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+                raise
+            raise StartFailed(unplaced(cfg.scaling)) from None
     print(f"run directory: {run_dir}")
     if (run_dir / STOPPED).exists():  # the workers ended the run on purpose; say why
         raise TrainingStopped((run_dir / STOPPED).read_text())
     return result
+
+
+@contextmanager
+def start_timeout(seconds: float):
+    """How long Ray Train's controller waits for the worker group to be placed (it reads the variable, which
+    Ray Train hands from the driver's environment to the controller)."""
+    before = os.environ.get(START_TIMEOUT)
+    os.environ[START_TIMEOUT] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT)
+        else:
+            os.environ[START_TIMEOUT] = before
+
+
+def unplaced(scaling: ScalingConfig) -> str:
+    """Why the workers were not placed: what they ask for against what the cluster has and can grow to."""
+    from ray._private.state import state  # the autoscaler's node types, as Ray Train reads them
+    most = state.get_max_resources_from_cluster_config() or {}
+    have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "object_store"))}
+    need = {k: v * scaling.num_workers for k, v in worker_resources(scaling).items()}
+    return (f"the {scaling.num_workers} workers could not be placed within scaling.start_timeout_s "
+            f"({scaling.start_timeout_s:g} s): they ask for {need} in all ({worker_resources(scaling)} each, "
+            f"{scaling.placement_strategy}); the cluster has {have}"
+            + (f" and can grow to {most}" if most else " and cannot grow (no autoscaler)") + ". Lower "
+            "scaling.num_workers or what each worker asks for, add nodes that have it, or raise "
+            "scaling.start_timeout_s while autoscaled nodes boot")
 
 
 def worker_env_vars(use_gpu: bool, here: dict) -> dict[str, str]:

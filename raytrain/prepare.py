@@ -61,8 +61,7 @@ def prepare(data, tokenizer_spec: str, say=print) -> Path:
     if tokenizer.eos_token_id is None:
         raise ConfigError([("tokenizer", tokenizer_spec, "has no end-of-text (eos) token to separate documents")])
     files = list_files(data.path)
-    final = Path(data.cache_dir).expanduser().absolute() / "tokens" / corpus_key(
-        data, files, tokenizer_fingerprint(tokenizer))
+    final = cache_path(data, files, tokenizer)
     if (final / "index.json").is_file():
         return found(final, say)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +95,17 @@ def prepare(data, tokenizer_spec: str, say=print) -> Path:
         f"{len(summary['train']) + len(summary['val'])} shards{notes}")
     say(str(final))
     return final
+
+
+def cache_path(data, files: list[tuple[str, int, int]], tokenizer) -> Path:
+    return Path(data.cache_dir).expanduser().absolute() / "tokens" / corpus_key(data, files,
+                                                                              tokenizer_fingerprint(tokenizer))
+
+
+def corpus_directory(data, tokenizer_spec: str) -> Path | None:
+    """Where the corpus of ``data`` is prepared, when it is (for raytrain doctor); None when it is not yet."""
+    directory = cache_path(data, list_files(data.path), load_tokenizer(tokenizer_spec))
+    return directory if (directory / "index.json").is_file() else None
 
 
 def found(directory: Path, say) -> Path:

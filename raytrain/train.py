@@ -11,7 +11,7 @@ import torch.distributed as dist
 from raytrain.attention import KERNELS, use_document_attention
 from raytrain.checkpoint import Checkpointer, newest_checkpoint, snapshot_writer
 from raytrain.config import Config
-from raytrain.data import open_corpus
+from raytrain.data import ReadAhead, open_corpus
 from raytrain.devices import peak_flops
 from raytrain.engine import Buckets, deepspeed_config, discard_gradients, init_engine, lr_schedule, set_lr
 from raytrain.evaluate import Evaluator
@@ -38,14 +38,14 @@ def train_worker(payload: dict) -> None:
     evaluator = Evaluator(cfg.eval, cfg.train.max_steps, cfg.lengths.max, corpus.val, engine, plan.rows_per_micro,
                           rank, world, log)
     lr_at, state = lr_schedule(cfg.train), checkpointer.restore(engine, meter)
+    reader = ReadAhead(plan, corpus.train, rank, cfg.data.read_ahead)
     state.last_eval = state.last_eval or evaluator(state)
     log.record("probe.json", probe_memory(engine, plan, memory, log))
     meter.start()
     while state.step < cfg.train.max_steps:
-        step = plan(state.step)
         set_lr(engine, lr_at(state.step, state.tokens))
         with meter.waiting_for_data():
-            batches = step.rank_batches(corpus.train, rank)
+            step, batches = reader(state.step)
         loss, finite, grad_norm = train_step(engine, step, batches, world)
         state.advance(step)
         meter.update(step, loss, finite, grad_norm)
@@ -170,7 +170,7 @@ def build_engine(cfg: Config, vocab_size: int, eot: int, world: int):
         use_document_attention(lm)  # documents kept apart without an L x L mask
     module = CausalLMLoss(lm, None if cfg.data.cross_documents else eot, cfg.train.loss_chunk_tokens)
     engine = init_engine(module, deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module)))
-    engine.checkpoint_engine = snapshot_writer()  # checkpoints written in the background (checkpoint.py)
+    snapshot_writer(engine)  # checkpoints copied and written in the background (checkpoint.py)
     return engine
 
 

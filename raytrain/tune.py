@@ -31,6 +31,8 @@ from raytrain.tune_spec import (
     trial_overrides,
 )
 
+HEAD_NODE = "node:__internal_head__"  # the resource Ray gives the head node, and only the head node
+
 
 def run_trial(params: dict, spec: dict, base_path: Optional[str], runs_dir: str) -> None:
     """One Tune trial: a full raytrain run on its own Ray Train workers, reporting to Tune."""
@@ -68,12 +70,13 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
         time_attr=spec.scheduler.time_attr, max_t=total or 10**9,
         grace_period=spec.scheduler.grace_period or (total / 8 if total else 60),
         reduction_factor=spec.scheduler.reduction_factor)
-    # The trial function only drives: no CPU of its own (its Ray Train workers hold the CPUs/GPUs), and
-    # a memory reservation because Ray needs a non-empty request.
+    # The trial function only drives: no CPU of its own (its Ray Train workers hold the CPUs/GPUs), a memory
+    # reservation, and a sliver of the head node's own resource, so that a trial's driver (and with it its Ray
+    # Train controller, which runs beside it) lives on the head and never on a preemptible GPU node.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec.model_dump(mode="json"), base_path=base_path,
                              runs_dir=str(experiment / "trials")),
-        {"CPU": 0, "memory": 256 * 2**20})
+        {"CPU": 0, "memory": 256 * 2**20, HEAD_NODE: 0.001})
     if resume:
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)

@@ -16,7 +16,7 @@ FLOORS = {
     3: {"loading"},
     4: {"export", "train", "report", "tune_spec"},
     5: {"launch"},
-    6: {"tune"},
+    6: {"tune", "doctor"},
     7: {"cli"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
