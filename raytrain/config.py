@@ -83,6 +83,8 @@ class TrainConfig(Section):
     """Most tokens one worker runs per forward and backward; null: its whole share of the step."""
     loss_chunk_tokens: Optional[int] = Field(None, ge=1)
     """Positions the output head and loss take at a time (no whole-batch logits); null: all at once."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """Compile the blocks and the head and loss (torch.compile, dynamic shapes); auto: on GPU only."""
 
 
 class EvalConfig(Section):

@@ -13,6 +13,7 @@ from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfi
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+from raytrain import compiled
 from raytrain.checks import worker_resources
 from raytrain.config import Config, ScalingConfig, flatten
 from raytrain.data import check_corpus, open_corpus
@@ -40,7 +41,8 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     run_dir = run_directory(cfg)
     cfg.run.name = run_dir.name
     check_same_run(run_dir, cfg)
-    worker_vars = worker_env_vars(cfg.scaling.use_gpu, os.environ)
+    worker_vars = {**worker_env_vars(cfg.scaling.use_gpu, os.environ),
+                   compiled.CACHE_ENV: os.environ.get(compiled.CACHE_ENV, compiled.cache_dir(cfg.data.cache_dir))}
     os.environ.setdefault("DS_ACCELERATOR", worker_vars["DS_ACCELERATOR"])
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env={"env_vars": worker_vars})

@@ -12,11 +12,14 @@ output head and the (chunked) loss as well as the transformer.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from raytrain.attention import document_spans
+from raytrain.compiled import compile_function
 
 IGNORE_INDEX = -100
 
@@ -80,9 +83,13 @@ class CausalLMLoss(torch.nn.Module):
     the step holds), the chunks past a rank's own positions empty.
     """
 
-    def __init__(self, lm, eot: int | None = None, chunk_tokens: int | None = None):
+    def __init__(self, lm, eot: int | None = None, chunk_tokens: int | None = None, compiled: bool = False):
         super().__init__()
         self.lm, self.eot, self.chunk_tokens = lm, eot, chunk_tokens
+        # compiled, inductor fuses the cast and cross-entropy into one pass: no fp32 copy or log-softmax of the
+        # logits is kept. The head's matmul stays outside the graph (inductor would call the same GEMM), and with
+        # it DeepSpeed's hooks on the head, which at ZeRO-3 gather its weight and would otherwise be traced.
+        self.head_loss = partial(head_loss, loss=compile_function(logits_loss, "head")) if compiled else head_loss
 
     def forward(self, windows: torch.Tensor, per_position: bool = False, rows: int | None = None) -> torch.Tensor:
         if windows.shape[0] == 0:
@@ -93,28 +100,34 @@ class CausalLMLoss(torch.nn.Module):
             losses = F.cross_entropy(self.lm(**kwargs).logits.float().transpose(1, 2), targets,
                                      ignore_index=IGNORE_INDEX, reduction="none")
             return torch.stack([losses.double().sum(0), (targets != IGNORE_INDEX).double().sum(0)])
-        if not self.chunk_tokens:
-            return token_loss_sum(self.lm(**kwargs).logits, targets)
         hidden = getattr(self.lm, self.lm.base_model_prefix)(**kwargs)[0]
+        head = self.lm.get_output_embeddings()
+        if not self.chunk_tokens:
+            return self.head_loss(hidden.flatten(0, 1), targets.flatten(), head)
         chunks = -(-max(rows or 0, windows.shape[0]) * targets.shape[1] // self.chunk_tokens)
-        return chunked_loss_sum(hidden, self.lm.get_output_embeddings(), targets, self.chunk_tokens, chunks)
+        return chunked_loss_sum(hidden, head, targets, self.chunk_tokens, chunks, self.head_loss)
 
 
 def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int,
-                     chunks: int | None = None) -> torch.Tensor:
+                     chunks: int | None = None, loss=None) -> torch.Tensor:
     """``token_loss_sum(head(hidden), targets)`` without the whole logits tensor: (B, L, H) hidden states go
     through the head ``chunk_tokens`` positions at a time under non-reentrant checkpointing, in ``chunks``
     calls (at least enough for every position; those past the end take no positions)."""
-    flat, goal = hidden.flatten(0, 1), targets.flatten()
+    flat, goal, loss = hidden.flatten(0, 1), targets.flatten(), loss or head_loss
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, max(chunks or 0, -(-goal.numel() // chunk_tokens)) * chunk_tokens, chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(_head_loss, flat[start:end], goal[start:end], head, use_reentrant=False)
+        total = total + checkpoint(loss, flat[start:end], goal[start:end], head, use_reentrant=False)
     return total
 
 
-def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def head_loss(hidden: torch.Tensor, targets: torch.Tensor, head, loss=None) -> torch.Tensor:
+    """Summed cross-entropy of the head's logits for (positions, H) hidden states."""
+    return (loss or logits_loss)(head(hidden), targets)
+
+
+def logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def position_buckets(length: int) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ from typing import Optional
 import psutil
 import torch
 
+from raytrain import compiled
 from raytrain.config import TrainConfig
 from raytrain.steps import ModelShape
 
@@ -109,7 +110,8 @@ class Meter:
                   else None, "tokens_per_s": self.interval_tokens / seconds, "tflops": self.flops / seconds / 1e12,
                   "mfu": self.flops / seconds / self.peak_flops, "data_wait": self.data_s / seconds,
                   "peak_memory_gb": self.memory.peak() / 2**30, "interval_s": self.interval_s,
-                  "elapsed_s": self.elapsed_s, "checkpoint_s": self.checkpoint_s}
+                  "elapsed_s": self.elapsed_s, "checkpoint_s": self.checkpoint_s,
+                  "compilations": compiled.report()["compilations"]}  # recompilations show as this growing
         self.loss_sum, self.targets, self.interval_s, self.interval_tokens = 0.0, 0, 0.0, 0
         self.flops, self.data_s, self.norm_sum, self.norms, self.checkpoint_s = 0.0, 0.0, 0.0, 0, 0.0
         self.start()

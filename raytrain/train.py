@@ -8,6 +8,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from raytrain import compiled
 from raytrain.attention import KERNELS, use_document_attention
 from raytrain.checkpoint import Checkpointer, newest_checkpoint, snapshot_writer
 from raytrain.config import Config
@@ -118,10 +119,15 @@ def probe_memory(engine, plan: Planner, memory: MemoryGauge, log) -> dict:
     called = [name for name, count in KERNELS.items() if count > kernels.get(name, 0)]
     probe = {"rows": largest.micro_rows, "length": largest.length, "zero_stage": engine.zero_optimization_stage(),
              "linear_dtype": ",".join(sorted(dtypes)), "attention": ",".join(called) or "SDPA (documents crossed)",
-             "peak_gib": memory.peak() / 2**30}
+             "peak_gib": memory.peak() / 2**30, "compiled": compiled.report()}
     log.say(f"memory probe: forward/backward of {probe['rows']} x {probe['length']} tokens (the largest "
             f"micro-batch) at ZeRO-{probe['zero_stage']}: linear layers in {probe['linear_dtype']}, attention "
             f"{probe['attention']}, peak {probe['peak_gib']:.2f} GiB")
+    if probe["compiled"]["compilations"]:
+        c = probe["compiled"]
+        log.say(f"compiled {c['block_graphs']} graph(s) of the blocks and {c['head_graphs']} of the head and loss in "
+                f"{c['compile_s']:.1f} s (forward and backward); inductor's cache: {c['cache_hits']} hit(s), "
+                f"{c['cache_misses']} miss(es)")
     return probe
 
 
@@ -164,12 +170,19 @@ def setup_worker(cfg: Config, corpus_dir: str):
 
 
 def build_engine(cfg: Config, vocab_size: int, eot: int, world: int):
-    """The DeepSpeed engine training the run's language model and its loss (``CausalLMLoss``)."""
+    """The DeepSpeed engine training the run's language model and its loss (``CausalLMLoss``), its blocks and
+    head compiled when train.compile says so."""
     lm = build_model(cfg.model, vocab_size, eot)
     if not cfg.data.cross_documents:
         use_document_attention(lm)  # documents kept apart without an L x L mask
-    module = CausalLMLoss(lm, None if cfg.data.cross_documents else eot, cfg.train.loss_chunk_tokens)
-    engine = init_engine(module, deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module)))
+    compiling = compiled.enabled(cfg.train.compile, cfg.scaling.use_gpu)
+    module = CausalLMLoss(lm, None if cfg.data.cross_documents else eot, cfg.train.loss_chunk_tokens, compiling)
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module))
+    if compiling and ds["zero_optimization"]["stage"] == 3:
+        compiled.mark_zero3_leaves(module, lm)
+    engine = init_engine(module, ds)
+    if compiling:
+        compiled.compile_blocks(lm, documents_apart=not cfg.data.cross_documents)
     snapshot_writer(engine)  # checkpoints copied and written in the background (checkpoint.py)
     return engine
 

@@ -22,7 +22,8 @@ TINY_BASE = {"model.hidden_size": 32, "model.num_layers": 1, "model.intermediate
              "scaling.num_workers": 1}
 
 # Telemetry that depends on time or on the process (a restarted worker starts its memory peak afresh)
-TIMING = {"tokens_per_s", "interval_s", "elapsed_s", "tflops", "mfu", "data_wait", "peak_memory_gb", "checkpoint_s"}
+TIMING = {"tokens_per_s", "interval_s", "elapsed_s", "tflops", "mfu", "data_wait", "peak_memory_gb", "checkpoint_s",
+          "compilations"}  # compilations: a restarted process compiles (or loads from the cache) again
 
 
 def read_jsonl(path) -> list[dict]:

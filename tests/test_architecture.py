@@ -10,7 +10,7 @@ PACKAGE = ROOT / "raytrain"
 # Each module's floor; a module imports only from floors below its own or its own (without a circle).
 FLOORS = {
     0: {"section", "errors", "lengths", "config", "steps"},
-    1: {"tokenizer", "sources", "data", "devices", "model", "attention", "loss", "engine", "ops", "meter",
+    1: {"tokenizer", "sources", "data", "devices", "model", "attention", "loss", "engine", "ops", "meter", "compiled",
         "evaluate", "trackers", "runlog", "checkpoint"},
     2: {"checks", "prepare", "generate", "plan"},
     3: {"loading"},

@@ -182,3 +182,41 @@ def test_train_step_gives_the_full_batch_gradient_for_any_split(tmp_path):
         assert got["loss"] == pytest.approx(whole.item(), rel=1e-6)
         for name, grad in reference.items():
             torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=1e-5)
+
+
+def thirty_steps(rank, world, stage, compile_mode, out):
+    """30 steps of the uniform schedule over 16-256 (lengths drawn per step), as train_step runs them."""
+    from raytrain.compiled import report
+    from raytrain.engine import set_lr
+    from raytrain.steps import Planner
+    from raytrain.train import build_engine, train_step
+    cfg = load_config(None, ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
+                             f"deepspeed.zero_stage={stage}", f"train.compile={compile_mode}",
+                             "train.tokens_per_step=2048", "lengths.min=16", "lengths.max=256", "lengths.multiple_of=4",
+                             "train.max_steps=30",
+                             "data.cross_documents=false"], environment=False)
+    torch.manual_seed(0)
+    engine = build_engine(cfg, 257, EOT, world)
+    plan = Planner(cfg.lengths, cfg.train, "random", 0, 4000, world)
+    losses, lengths = [], set()
+    for step in range(30):
+        set_lr(engine, 1e-3)
+        planned = plan(step)
+        lengths.add(planned.length)
+        losses.append(float(train_step(engine, planned, planned.rank_batches(stream(), rank), world)[0]))
+    if rank == 0:
+        torch.save({"losses": losses, "lengths": len(lengths), "compiled": report()}, out)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_compiled_blocks_compile_once_for_every_length_and_train_like_eager(tmp_path, stage):
+    """Each decoder block compiled with dynamic rows and length (at ZeRO-3 a leaf module, gathered whole before
+    its compiled forward): 30 steps over 20 or more lengths compile the block's graph at most 3 times
+    (document attention, kept out of the graph, splits it in two), and the losses equal eager training's
+    (fp32, 1e-4)."""
+    for mode in ("false", "true"):
+        run_ranks(thirty_steps, 2, stage, mode, tmp_path / f"{mode}.pt")
+    eager, compiled = (torch.load(tmp_path / f"{mode}.pt") for mode in ("false", "true"))
+    assert compiled["lengths"] >= 20 and eager["compiled"]["compilations"] == 0
+    assert 1 <= compiled["compiled"]["block_graphs"] <= 3 and compiled["compiled"]["head_graphs"] == 1
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
