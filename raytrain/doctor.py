@@ -31,6 +31,7 @@ from raytrain.checks import resource_problems, worker_resources
 from raytrain.config import Config
 from raytrain.launch import scaling_config, start_timeout
 from raytrain.prepare import corpus_directory
+from raytrain.section import ConfigError
 
 # The oldest NVIDIA driver (Linux) each CUDA toolkit version needs (NVIDIA's CUDA release notes, table 3).
 MIN_DRIVER = {"12.0": 525.60, "12.1": 530.30, "12.2": 535.54, "12.3": 545.23, "12.4": 550.54, "12.5": 555.42,
@@ -83,11 +84,17 @@ def doctor(cfg: Config, say=print) -> int:
 
 def node_checks(cfg: Config) -> list[Check]:
     """The checks that run on every worker, through a Ray Train run of the config's own scaling."""
-    findings = Findings.remote()
-    corpus = corpus_directory(cfg.data, cfg.tokenizer)
+    findings, marker = Findings.remote(), f".raytrain-doctor-{uuid.uuid4().hex[:8]}"
+    paths = {"data.cache_dir": cfg.data.cache_dir, "run.dir": cfg.run.dir}
+    for path in paths.values():  # what every node must see where it looks for it: a file written here
+        leave_marker(path, marker)
+    try:
+        corpus = corpus_directory(cfg.data, cfg.tokenizer)
+    except ConfigError:  # inputs that live only on the cluster's nodes: the workers look for what they can see
+        corpus = None
     trainer = TorchTrainer(
         check_worker, train_loop_config={"config": cfg.model_dump(mode="json"), "findings": findings,
-                                         "corpus": str(corpus) if corpus else None},
+                                         "corpus": str(corpus) if corpus else None, "marker": marker},
         scaling_config=scaling_config(cfg.scaling),
         run_config=RunConfig(name=f"doctor-{uuid.uuid4().hex[:8]}", storage_path=tempfile.mkdtemp(),
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=0)))
@@ -96,8 +103,20 @@ def node_checks(cfg: Config) -> list[Check]:
             trainer.fit()
         except Exception as err:  # noqa: BLE001 - the workers could not run at all: say why, as one check
             return [Check("workers", False, f"the worker group did not run: {str(err).splitlines()[0][:300]}")]
+        finally:
+            for path in paths.values():
+                (Path(path).expanduser() / marker).unlink(missing_ok=True)
     found = ray.get(findings.all.remote())
     return summarize(cfg, found)
+
+
+def leave_marker(path: str, marker: str) -> None:
+    """A file where the driver sees ``path``, for the workers to find (nothing when the driver cannot write)."""
+    try:
+        Path(path).expanduser().mkdir(parents=True, exist_ok=True)
+        (Path(path).expanduser() / marker).write_text(marker)
+    except OSError:
+        pass
 
 
 def check_worker(payload: dict) -> None:
@@ -107,17 +126,25 @@ def check_worker(payload: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     found = {"node": ray.get_runtime_context().get_node_id()[:12], "token": is_token_auth_enabled(),
-             "paths": {key: try_writing(path) for key, path in (("data.cache_dir", cfg.data.cache_dir),
-                                                                 ("run.dir", cfg.run.dir))},
+             "paths": {key: shared_problem(path, payload["marker"]) for key, path in
+                       (("data.cache_dir", cfg.data.cache_dir), ("run.dir", cfg.run.dir))},
              "corpus": corpus_problem(payload["corpus"]), "accelerator": accelerator(cfg.scaling.use_gpu),
              "allreduce": bus_bandwidth(world, cfg.scaling.use_gpu),
              "storage": storage_roundtrip(cfg.run.storage) if cfg.run.storage else None}
     ray.get(payload["findings"].put.remote(rank, found))
 
 
-def try_writing(path: str) -> str | None:
-    """None when a file can be created, read back and removed in ``path`` (created if missing), else why not."""
+def shared_problem(path: str, marker: str) -> str | None:
+    """None when this node sees the driver's marker in ``path`` and can write there, else what is wrong."""
     target = Path(path).expanduser()
+    problem = try_writing(target)
+    if problem is None and not (target / marker).is_file():
+        problem = f"{target} here is not the directory the driver sees (its marker is missing): not a shared path"
+    return problem
+
+
+def try_writing(target: Path) -> str | None:
+    """None when a file can be created, read back and removed in ``target`` (created if missing), else why not."""
     try:
         target.mkdir(parents=True, exist_ok=True)
         probe = target / f".raytrain-doctor-{uuid.uuid4().hex[:8]}"
@@ -240,7 +267,7 @@ def summarize(cfg: Config, found: dict) -> list[Check]:
                      f"on, on {where}", "start Ray with RAY_AUTH_MODE=token (cluster/README.md)")]
     for key in ("data.cache_dir", "run.dir"):
         value = getattr(cfg.data if key.startswith("data") else cfg.run, key.split(".")[1])
-        checks.append(across(key, lambda f, key=key: f["paths"][key], f"{value} is writable on {where}",
+        checks.append(across(key, lambda f, key=key: f["paths"][key], f"{value} is shared and writable on {where}",
                              f"{key} must be a path every node shares and can write (EFS, NFS, a ReadWriteMany "
                              "volume), mounted at the same place"))
     checks.append(across("prepared corpus", lambda f: f["corpus"],

@@ -27,6 +27,15 @@ def pins() -> dict[str, str]:
     return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
 
 
+def test_dockerfile_installs_torchs_cuda_build_that_the_nodes_drivers_run():
+    """torch 2.13.0's PyPI wheel on x86_64 is built for CUDA 13.0 (driver 580 or newer); the image takes the
+    same version's CUDA 12.8 build (driver 570 or newer), and raytrain doctor knows both drivers' floors."""
+    from raytrain.doctor import MIN_DRIVER
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"--index-url https://download.pytorch.org/whl/cu128 torch=={pins()['torch']}" in text
+    assert MIN_DRIVER["12.8"] == 570.26 and MIN_DRIVER["13.0"] == 580.65
+
+
 def test_dockerfile_base_is_rays_gpu_image_at_the_pinned_ray_on_a_python_every_pin_supports():
     from importlib.metadata import PackageNotFoundError, metadata, version
 
@@ -101,10 +110,15 @@ def test_kuberay_manifest_defines_its_volume_and_runs_a_real_raytrain_config():
     claims = {v["persistentVolumeClaim"]["claimName"] for g in groups for v in g["template"]["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
     assert claims == {claim["metadata"]["name"]}
-    for group in groups:  # every pod has the token, from the Secret the README creates
-        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raytrain-ray-token"
+    # Token authentication through KubeRay's authOptions (1.5.1 and later), which gives the generated token to
+    # every Ray container and to the submitter pod; a token injected by hand into the pods never reaches it.
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    for group in groups:
+        env = {e["name"] for e in group["template"]["spec"]["containers"][0].get("env", [])}
+        assert not env & {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"}
+    assert "KubeRay >= 1.5.1" in MANIFEST.read_text()
+    assert all(e.get("value") == "^lo,docker,veth" for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+               for e in g["template"]["spec"]["containers"][0]["env"] if e["name"] == "NCCL_SOCKET_IFNAME")
     for group in spec["rayClusterSpec"]["workerGroupSpecs"]:  # room for Ray's own processes beside the workers
         limit = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
         assert int(group["rayStartParams"]["num-cpus"]) <= limit - 4
@@ -146,6 +160,18 @@ def test_readme_job_command_trains_on_a_token_authenticated_head(tmp_path):
                                  env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
                                  timeout=120)
         assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+        # KubeRay's submitter pod: a separate process with only what authOptions gives it (the token in
+        # RAY_AUTH_TOKEN, token mode), no token file, submitting the manifest's kind of job
+        submitter = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "submitter"), "RAY_AUTH_MODE": "token",
+                     "RAY_AUTH_TOKEN": (tmp_path / ".ray" / "auth_token").read_text().strip()}
+        plan = "raytrain plan -c cluster/configs/gpu-125m-zero2.yaml --vocab 50257"
+        submitted = subprocess.run(f"ray job submit --address http://127.0.0.1:8265 --working-dir . -- {plan}",
+                                   shell=True, cwd=ROOT, env=submitter, capture_output=True, text=True, timeout=600)
+        assert submitted.returncode == 0 and "fits: A10G has 22.5 GiB" in submitted.stdout, submitted.stderr[-2000:]
+        without = subprocess.run("ray job list --address http://127.0.0.1:8265", shell=True, cwd=ROOT,
+                                 env={k: v for k, v in submitter.items() if k != "RAY_AUTH_TOKEN"},
+                                 capture_output=True, text=True, timeout=120)
+        assert without.returncode != 0
     finally:
         subprocess.run(lines[-1], shell=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
     assert (tmp_path / ".ray" / "auth_token").is_file()
@@ -226,3 +252,53 @@ def test_two_simulated_nodes_match_one_node(ray_session, cache_dir, tmp_path):
     assert [m["tokens"] for m in two] == [m["tokens"] for m in one]
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
     assert sorted((tmp_path / "two-nodes").glob("checkpoint_*/engine/zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+
+
+@pytest.fixture(scope="module")
+def doctored(tmp_path_factory):
+    """tests/doctor_cluster.py in its own process: a simulated two-node cluster with token authentication."""
+    out = tmp_path_factory.mktemp("doctor")
+    done = subprocess.run([sys.executable, "-m", "tests.doctor_cluster", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def lines_of(result: dict, start: str) -> list[str]:
+    return [line for line in result["out"].splitlines() if line.startswith(start)]
+
+
+@pytest.mark.ray  # starts a simulated cluster (in a subprocess)
+def test_doctor_passes_every_check_on_a_healthy_cluster(doctored):
+    healthy = doctored["healthy"]
+    assert doctored["prepare"]["code"] == 0 and healthy["code"] == 0, healthy["out"][-3000:]
+    checks = {line.split(":")[0][6:]: line for line in lines_of(healthy, "ok  ") + lines_of(healthy, "FAIL")}
+    assert set(checks) == {"capacity", "token authentication", "data.cache_dir", "run.dir", "prepared corpus",
+                           "accelerators", "all-reduce"}
+    assert all(line.startswith("ok") for line in checks.values())
+    assert "on, on 2 worker(s) on 2 node(s)" in checks["token authentication"]
+    assert "complete on every node" in checks["prepared corpus"]
+    assert "2 workers, 64 MiB fp32 over gloo: bus bandwidth" in checks["all-reduce"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case, check, says", [
+    ("node-local cache", "data.cache_dir", "here is not the directory the driver sees"),
+    ("unwritable run.dir", "run.dir", "/proc/raytrain-runs"),
+    ("too many workers", "capacity", "5 workers need 5 CPU but the Ray cluster this process is connected to has 2"),
+])
+def test_doctor_names_each_broken_thing_with_its_fix(doctored, case, check, says):
+    result = doctored[case]
+    assert result["code"] == 1, result["out"][-3000:]
+    (failed,) = [line for line in lines_of(result, "FAIL") if line.startswith(f"FAIL  {check}:")]
+    assert says in failed and ("fix:" in failed or "use at most" in failed)
+
+
+@pytest.mark.ray
+def test_a_worker_group_that_cannot_be_placed_fails_within_the_start_timeout(doctored):
+    """A resource no node has, joining a cluster through RAY_ADDRESS (nothing to check before connecting):
+    the run fails after scaling.start_timeout_s (10 s) saying what it asked for and what the cluster has."""
+    result = doctored["unplaceable start"]
+    assert result["code"] == 1 and result["seconds"] < 120, result["out"][-3000:]
+    assert "the 2 workers could not be placed within scaling.start_timeout_s (10 s)" in result["out"]
+    assert "'accelerator_type:H100': 2.0" in result["out"] and "cannot grow (no autoscaler)" in result["out"]
