@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
-from raytrain.config import reference
+from raytrain.config import DataConfig, reference
+from raytrain.console import capture, say
 from raytrain.errors import SearchFailed, StartFailed, TrainingStopped
 from raytrain.loading import load_config
 from raytrain.section import ConfigError
@@ -20,20 +22,33 @@ from raytrain.section import ConfigError
 def prepare(args) -> int:
     from raytrain.prepare import prepare as prepare_corpus
     cfg = load_config(args.config, args.overrides, only=("data", "tokenizer"))
-    prepare_corpus(cfg.data, cfg.tokenizer)
+    with capture(command_log("prepare", cfg.data.cache_dir), args.verbose):
+        say(str(prepare_corpus(cfg.data, cfg.tokenizer)))  # last, alone: scripts read the directory from it
     return 0
 
 
 def train(args) -> int:
-    from raytrain.launch import fit
-    fit(load_config(args.config, args.overrides))
+    from raytrain.launch import LIBRARIES_LOG, fit, run_directory
+    cfg = load_config(args.config, args.overrides)
+    cfg.run.name = run_directory(cfg).name  # fixed now: the library log goes into the run's directory
+    with capture(run_directory(cfg) / LIBRARIES_LOG, args.verbose):
+        fit(cfg)
     return 0
 
 
 def tune(args) -> int:
+    from raytrain.launch import LIBRARIES_LOG
     from raytrain.tune import tune_main
-    tune_main(args.config, args.overrides, resume=args.resume)
+    from raytrain.tune_spec import load_spec
+    spec = load_spec(args.config, args.overrides)
+    with capture(Path(spec.dir).expanduser().resolve() / spec.name / LIBRARIES_LOG, args.verbose, tune_table=True):
+        tune_main(args.config, args.overrides, resume=args.resume)
     return 0
+
+
+def command_log(command: str, cache_dir: str = DataConfig().cache_dir) -> Path:
+    """Where the other libraries' output of a command without a run directory goes."""
+    return Path(cache_dir).expanduser() / "logs" / f"{command}-{datetime.now():%Y%m%d-%H%M%S}.log"
 
 
 def plan(args) -> int:
@@ -43,7 +58,8 @@ def plan(args) -> int:
 
 def export(args) -> int:
     from raytrain.export import export_run
-    print(f"wrote {export_run(args.checkpoint, args.out)}")
+    with capture(command_log("export"), args.verbose):
+        say(f"wrote {export_run(args.checkpoint, args.out)}")
     return 0
 
 
@@ -65,6 +81,18 @@ def generate(args) -> int:
 
 def evaluate(args) -> int:
     """Single-process evaluation of a saved model on the same windows, batches and precision as training."""
+    model_dir, saved = Path(args.model_dir), Path(args.model_dir) / "raytrain.yaml"
+    overrides = [f"tokenizer={model_dir}", f"model.pretrained={model_dir}", "scaling.num_workers=1"] + \
+        ([f"data.path={args.data}"] if args.data else []) + \
+        ([f"eval.lengths=[{args.lengths}]"] if args.lengths else []) + \
+        ([f"eval.tokens={args.tokens}"] if args.tokens else [])
+    cfg = load_config(str(saved) if saved.is_file() else None, overrides)
+    with capture(command_log("eval", cfg.data.cache_dir), args.verbose):
+        say(json.dumps(evaluate_model(model_dir, cfg), indent=2))
+    return 0
+
+
+def evaluate_model(model_dir: Path, cfg) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,21 +101,13 @@ def evaluate(args) -> int:
     from raytrain.loss import CausalLMLoss
     from raytrain.prepare import prepare as prepare_corpus
     from raytrain.steps import rows_per_micro
-    model_dir, saved = Path(args.model_dir), Path(args.model_dir) / "raytrain.yaml"
-    overrides = [f"tokenizer={model_dir}", f"model.pretrained={model_dir}", "scaling.num_workers=1"] + \
-        ([f"data.path={args.data}"] if args.data else []) + \
-        ([f"eval.lengths=[{args.lengths}]"] if args.lengths else []) + \
-        ([f"eval.tokens={args.tokens}"] if args.tokens else [])
-    cfg = load_config(str(saved) if saved.is_file() else None, overrides)
-    corpus = open_corpus(prepare_corpus(cfg.data, cfg.tokenizer, say=lambda line: print(line, file=sys.stderr)))
+    corpus = open_corpus(prepare_corpus(cfg.data, cfg.tokenizer))
     check_corpus(corpus, 0, cfg.eval.lengths)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     module = CausalLMLoss(lm, None if cfg.data.cross_documents else corpus.index["eot"])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        results = evaluate_module(module, corpus.val, cfg.eval.lengths, cfg.eval.tokens, lambda length: rows_per_micro(
+        return evaluate_module(module, corpus.val, cfg.eval.lengths, cfg.eval.tokens, lambda length: rows_per_micro(
             cfg.train.tokens_per_step, cfg.train.micro_batch_tokens, length, 1))
-    print(json.dumps(results, indent=2))
-    return 0
 
 
 def report(args) -> int:
@@ -126,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
         description="Train with a length-sampling shifted loss on Ray Train workers running DeepSpeed ZeRO.",
         epilog="config keys (set in FILE or as section.key=value):\n" + indent(reference()))
     config_arguments(train, "YAML config; keys not given keep their defaults")
+    verbose_argument(train)
     prep = commands.add_parser(
         "prepare", help="tokenize the corpus into token shards with Ray Data (train runs it when needed)",
         formatter_class=raw,
@@ -134,6 +155,7 @@ def parser() -> argparse.ArgumentParser:
                     "data.cache_dir/tokens/KEY/. Prints a summary and, last, that directory.",
         epilog="keys it reads (the data section and tokenizer):\n" + indent(reference(["data", "tokenizer"])))
     config_arguments(prep, "YAML config (only its data section and tokenizer are read)")
+    verbose_argument(prep)
     plan_arguments(commands)
     doc = commands.add_parser(
         "doctor", help="a minute's check of the cluster a run would use: paths, corpus, drivers, network, storage",
@@ -152,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
     tun.add_argument("overrides", nargs="*", metavar="key=value",
                      help="override a tune config key (e.g. num_samples=2)")
     tun.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this config")
+    verbose_argument(tun)
     model_commands(commands)
     return top
 
@@ -181,6 +204,7 @@ def model_commands(commands) -> None:
     ev.add_argument("--data", metavar="PATH", help="data.path to evaluate on (default: the training run's)")
     ev.add_argument("--lengths", metavar="L,L,...", help="eval lengths (default: the training run's eval.lengths)")
     ev.add_argument("--tokens", type=int, help="target tokens per length (default: the run's eval.tokens)")
+    verbose_argument(ev)
     rep = commands.add_parser(
         "report", help="plots (loss.png, lengths.png, eval.png, positions.png) and the per-length table of a run",
         description="Write loss against tokens, the length of every step (and their histogram), validation loss "
@@ -206,12 +230,18 @@ def model_commands(commands) -> None:
                     "directory that AutoModelForCausalLM and raytrain eval load.")
     exp.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
     exp.add_argument("--out", metavar="DIR", help="output directory (default: RUN_DIR/exported-STEP)")
+    verbose_argument(exp)
 
 
 def config_arguments(command, config_help: str) -> None:
     command.add_argument("-c", "--config", metavar="FILE", help=config_help)
     command.add_argument("overrides", nargs="*", metavar="section.key=value",
                          help="override a key; the value is parsed as YAML (e.g. eval.lengths=[64,512])")
+
+
+def verbose_argument(command) -> None:
+    command.add_argument("--verbose", action="store_true",
+                         help="show every library's output on the console too (it always goes to the log file)")
 
 
 def tune_reference() -> str:

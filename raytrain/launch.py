@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfi
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-from raytrain import compiled
+from raytrain import compiled, console
 from raytrain.checks import worker_resources
 from raytrain.config import Config, ScalingConfig, flatten
 from raytrain.data import check_corpus, open_corpus
@@ -21,10 +22,13 @@ from raytrain.errors import StartFailed, TrainingStopped
 from raytrain.ops import build_comm_op
 from raytrain.prepare import prepare
 from raytrain.section import ConfigError
+from raytrain.summary import closing_summary
 from raytrain.tokenizer import load_tokenizer
+from raytrain.trackers import create_mlflow_store
 from raytrain.train import train_worker
 
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+LIBRARIES_LOG = "libraries.log"  # what every other library printed (console.capture)
 STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early (non-finite losses)
 # Keys a resumed run may change: where and how wide it runs, not what it computes (the loss is normalized over
 # the global step, so any number of workers and any ZeRO stage gives the same update).
@@ -38,6 +42,7 @@ def run_directory(cfg: Config) -> Path:
 
 def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     """Train ``cfg`` on ``scaling.num_workers`` Ray Train workers; ``runtime_env`` is merged into theirs."""
+    started = time.monotonic()
     run_dir = run_directory(cfg)
     cfg.run.name = run_dir.name
     check_same_run(run_dir, cfg)
@@ -50,8 +55,10 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     corpus = open_corpus(corpus_dir)
     check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
     if not cfg.scaling.use_gpu:  # once, here, where its progress shows: never a silent wait in the workers
-        build_comm_op(print)
+        build_comm_op(console.say)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if "mlflow" in cfg.run.loggers:
+        create_mlflow_store(run_dir.parent)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "corpus.json").write_text(json.dumps({"directory": str(corpus_dir), "train_tokens": corpus.train.size,
                                                      "val_tokens": corpus.val.size}))
@@ -80,9 +87,11 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
             if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
                 raise
             raise StartFailed(unplaced(cfg.scaling)) from None
-    print(f"run directory: {run_dir}")
+    console.settle()  # rank 0's last lines come through Ray's log stream
     if (run_dir / STOPPED).exists():  # the workers ended the run on purpose; say why
         raise TrainingStopped((run_dir / STOPPED).read_text())
+    console.say(closing_summary(run_dir, cfg, time.monotonic() - started,
+                                LIBRARIES_LOG if (run_dir / LIBRARIES_LOG).exists() else None))
     return result
 
 

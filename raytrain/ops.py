@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from raytrain import console
+
 COMM_OP = "deepspeed_shm_comm"
 
 
@@ -22,7 +24,7 @@ def extensions_dir() -> Path:
         return Path("~/.cache/raytrain/torch-extensions").expanduser() / key
 
 
-def build_comm_op(say=print) -> None:
+def build_comm_op(say=console.say) -> None:
     """Build (once) or load DeepSpeed's CPU shared-memory communication op, never waiting on a dead build.
 
     torch guards a JIT build with a plain lock file that a killed build leaves

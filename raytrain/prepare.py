@@ -33,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 
+from raytrain import console
 from raytrain.data import Corpus, open_corpus
 from raytrain.section import ConfigError
 from raytrain.sources import Counts, Part, documents, list_files, parts
@@ -51,7 +52,7 @@ def corpus_key(data, files: list[tuple[str, int, int]], fingerprint: str) -> str
     }).encode()).hexdigest()[:20]
 
 
-def prepare(data, tokenizer_spec: str, say=print) -> Path:
+def prepare(data, tokenizer_spec: str, say=console.say) -> Path:
     """Prepare the corpus of ``data`` (a DataConfig) unless it is already; return its directory.
 
     Needs Ray (it starts a local instance when none is running); every problem
@@ -92,8 +93,7 @@ def prepare(data, tokenizer_spec: str, say=print) -> Path:
     say(f"prepared {summary['documents']:,} documents, {summary['tokens']:,} tokens "
         f"({summary['train_tokens']:,} train, {summary['val_tokens']:,} val) from {size / 1e6:,.1f} MB in "
         f"{seconds:,.1f} s ({size / 1e6 / max(seconds, 1e-9):,.1f} MB/s), "
-        f"{len(summary['train']) + len(summary['val'])} shards{notes}")
-    say(str(final))
+        f"{len(summary['train']) + len(summary['val'])} shards{notes}, in {final}")
     return final
 
 
@@ -110,8 +110,7 @@ def corpus_directory(data, tokenizer_spec: str) -> Path | None:
 
 def found(directory: Path, say) -> Path:
     index = json.loads((directory / "index.json").read_text())
-    say(f"prepared corpus found: {index['documents']:,} documents, {index['tokens']:,} tokens")
-    say(str(directory))
+    say(f"prepared corpus found: {index['documents']:,} documents, {index['tokens']:,} tokens, in {directory}")
     return directory
 
 
@@ -176,7 +175,7 @@ def run_units(units: list[list[dict]], partial: Path, text_field: str, tokenizer
             # ids to numpy), and its second thread fills that gap on the core a neighbour leaves idle
             # (measured on 2 cores, 200 MB: 7.2 MB/s with one thread, 8.9 MB/s with two).
             runtime_env={"env_vars": {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}})
-        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=console.stream()) as bar:
             for row in tasks.iter_rows():
                 meta = json.loads(row["meta"])
                 if "problems" in meta:  # a bad input, found by the task reading it
@@ -311,6 +310,6 @@ def write_index(metas: list[dict], directory: Path, data, tokenizer_spec: str, t
     return index
 
 
-def open_prepared(data, tokenizer_spec: str, say=print) -> Corpus:
+def open_prepared(data, tokenizer_spec: str, say=console.say) -> Corpus:
     """Prepare the corpus of ``data`` if it is not yet (Ray Data), then open it."""
     return open_corpus(prepare(data, tokenizer_spec, say), data.cache_dir)

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
+from raytrain import console
 from raytrain.evaluate import length_losses
 
 RECORDS = ("metrics.jsonl", "eval.jsonl")
 
 
 def say(line: str) -> None:
-    # Not print(): Ray Train patches print in workers and would echo each line twice.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    """A line of rank 0's for the user's console (marked, so the driver's console shows it: console.py)."""
+    console.say(line, rank=0)
 
 
 def read_records(path: Path) -> tuple[list[dict], str | None]:

@@ -2,9 +2,10 @@
 
 Rank 0 only, keyed by step with ``tokens`` among the values; the resolved config
 goes in as the run's parameters. Offline first: TensorBoard event files in the
-run directory; MLflow to ``MLFLOW_TRACKING_URI`` or a file store beside the run
-directories (``run.dir/mlruns``); W&B offline unless the user has logged in. A tracker that fails (a
-server that cannot be reached) is reported once and dropped; the run goes on.
+run directory; MLflow to ``MLFLOW_TRACKING_URI`` or a SQLite database beside the run
+directories (``run.dir/mlflow.db``, MLflow's supported local store); W&B offline
+unless the user has logged in. A tracker that fails (a server that cannot be
+reached) is reported once and dropped; the run goes on.
 
 A resumed run continues the same tracker runs (their ids are kept in
 ``trackers.json``) and skips the records it already sent: a resume is exact, so
@@ -63,6 +64,21 @@ class TensorBoard:
         self.writer.close()
 
 
+def mlflow_uri(runs_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else a SQLite database beside the runs, so runs and a search's trials
+    sit side by side (MLflow 3 deprecates its file store and refuses it without a consent variable)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def create_mlflow_store(runs_dir: Path) -> None:
+    """Create the default store's tables once, in the driver: trials opening a new database at once would each
+    run MLflow's schema migrations on it. A store the user named is left to them."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        from mlflow import MlflowClient
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=mlflow_uri(runs_dir)).search_experiments(max_results=1)
+
+
 class MLflow:
     """One MLflow run per raytrain run, in the experiment named by run.group (a search) or 'raytrain'."""
 
@@ -71,10 +87,7 @@ class MLflow:
         from mlflow.entities import Param
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server fails fast, once
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        # default: one file store beside the runs (run.dir/mlruns), so runs and a search's trials sit side by side
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.parent / "mlruns").as_uri()
-        if uri.startswith("file:"):  # MLflow 3 keeps its file store but asks for consent to use it
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = mlflow_uri(run_dir.parent)
         self.client = MlflowClient(tracking_uri=uri)
         if "run_id" not in state:
             run = self.client.create_run(self.experiment(cfg.run.group or "raytrain"), run_name=cfg.run.name)
@@ -98,8 +111,8 @@ class MLflow:
 
     @staticmethod
     def key(name: str) -> str:
-        """val/loss@256/pos0-0 -> val/loss_at_256.pos0-0: MLflow refuses '@' in names, and its file store keeps
-        each name as a path, where val/loss_at_256 cannot be both a file and the folder of its buckets."""
+        """val/loss@256/pos0-0 -> val/loss_at_256.pos0-0: MLflow refuses '@' in names; the buckets keep the
+        names they had in the file store, so a migrated store and a new one read alike."""
         return name.replace("@", "_at_").replace("/pos", ".pos")
 
     def log(self, values: dict[str, float], step: int) -> None:

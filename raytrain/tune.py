@@ -15,10 +15,12 @@ from typing import Optional
 from matplotlib.figure import Figure
 
 from raytrain.config import Config
+from raytrain.console import say
 from raytrain.errors import SearchFailed
 from raytrain.launch import fit, worker_env_vars
 from raytrain.prepare import prepare
 from raytrain.section import ConfigError
+from raytrain.trackers import create_mlflow_store
 from raytrain.tune_spec import (
     TuneSpec,
     as_tune_point,
@@ -57,13 +59,15 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
     experiment = Path(spec.dir).expanduser().resolve() / spec.name
     trials, notes = candidates(spec, base_path)
     for note in notes:
-        print(f"raytrain tune: {note}")
+        say(f"raytrain tune: {note}")
     if not trials:
         raise ConfigError([("search", spec.search, "every combination is invalid; see the notes above")])
     base = base_config(spec, base_path)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"),
                  runtime_env={"env_vars": worker_env_vars(base.scaling.use_gpu, os.environ)})
+    if "mlflow" in base.run.loggers:
+        create_mlflow_store(experiment / "trials")  # once, before trials write to it at once
     prepare(base.data, base.tokenizer)  # once, before the trials (which share it unless they search data keys)
     total = base.train.max_steps * base.train.tokens_per_step if spec.scheduler.time_attr == "tokens" else None
     scheduler = FIFOScheduler() if spec.scheduler.type == "fifo" else ASHAScheduler(
@@ -85,7 +89,7 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
         points = [as_tune_point(t) for t in trials]
         searcher = BasicVariantGenerator(points_to_evaluate=points,
                                          max_concurrent=spec.max_concurrent or concurrency(base))
-        space = {key: tune.choice(sorted({p[key] for p in points})) for key in spec.search}
+        space = {key: tune.choice(sorted({p[key] for p in points}, key=repr)) for key in spec.search}
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=spec.objective.metric, mode=spec.objective.mode, scheduler=scheduler,
@@ -142,8 +146,12 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
     best_cfg = trial_config(spec, base_path, {key: best[key] for key in spec.search}, f"best-of-{spec.name}", "runs")
     (experiment / "best_config.yaml").write_text(best_cfg.to_yaml())
     _plot(rows, metric, experiment / "objective.png")
-    print(markdown_table(rows, columns))
-    print(f"\nbest: {best['trial']} -> {experiment / 'best_config.yaml'} (raytrain train -c that file)")
+    say(markdown_table(rows, columns))
+    values = ", ".join(f"{key} = {best[key]!r}" for key in spec.search)
+    say(f"\nbest: {best['trial']} ({metric} {best[metric]:.4f}): {values}\n"
+        f"config: {experiment / 'best_config.yaml'}\nnext:   raytrain train -c {experiment / 'best_config.yaml'}"
+        f"\n        raytrain report {experiment / 'trials' / best['trial']}"
+        + (f"\nevery library's log: {experiment / 'libraries.log'}" if (experiment / "libraries.log").exists() else ""))
     return rows
 
 

@@ -204,11 +204,12 @@ def trial_config(spec: TuneSpec, base_path: Optional[str], params: dict, name: s
     return cfg
 
 
-def as_tune_point(params: dict) -> dict[str, str]:
-    """A candidate as Tune carries it: each value as JSON text. Tune reads a list value (lengths.stages) as a
-    nested search space and fails on it; a string is opaque to it."""
-    return {key: json.dumps(value) for key, value in params.items()}
+def as_tune_point(params: dict) -> dict:
+    """A candidate as Tune carries it: values as written, but a list or mapping (lengths.stages) as its JSON
+    text, which Tune's table shows as written too: Tune would read a raw list as a nested search space."""
+    return {key: json.dumps(value) if isinstance(value, (list, dict)) else value for key, value in params.items()}
 
 
 def from_tune_point(point: dict, keys) -> dict:
-    return {key: json.loads(point[key]) for key in keys}
+    return {key: json.loads(point[key]) if isinstance(point[key], str) and point[key][:1] in "[{" else point[key]
+            for key in keys}

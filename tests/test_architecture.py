@@ -9,10 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "raytrain"
 # Each module's floor; a module imports only from floors below its own or its own (without a circle).
 FLOORS = {
-    0: {"section", "errors", "lengths", "config", "steps"},
+    0: {"section", "errors", "lengths", "config", "steps", "console"},
     1: {"tokenizer", "sources", "data", "devices", "model", "attention", "loss", "engine", "ops", "meter", "compiled",
         "evaluate", "trackers", "runlog", "checkpoint"},
-    2: {"checks", "prepare", "generate", "plan"},
+    2: {"checks", "prepare", "generate", "plan", "summary"},
     3: {"loading"},
     4: {"export", "train", "report", "tune_spec"},
     5: {"launch"},

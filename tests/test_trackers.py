@@ -79,7 +79,7 @@ def test_an_unreachable_mlflow_server_does_not_fail_the_run(runs):
 
 
 @pytest.mark.ray
-def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_session, cache_dir, tmp_path):
+def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_session, cache_dir, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from raytrain.tune import tune_main
@@ -88,10 +88,14 @@ def test_a_two_trial_search_is_two_tracked_runs_grouped_by_the_search(ray_sessio
             "lengths.schedule": "staged", "lengths.stages": [[4, 64]]}
     # a list-valued key: Tune would read a raw list as a nested search space, so raytrain passes JSON text
     spec = {"name": "grouped", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
-            "search": {"lengths.stages": {"grid": [[[4, 64]], [[2, 32], [8, 64]]]}}, "scheduler": {"type": "fifo"},
+            "search": {"lengths.stages": {"grid": [[[4, 64]], [[2, 32], [8, 64]]]},
+                       "lengths.schedule": {"grid": ["staged"]}}, "scheduler": {"type": "fifo"},
             "objective": {"metric": "val/loss@max", "mode": "min"}}
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
     tune_main(str(tmp_path / "tune.yaml"), [])
+    shown = capsys.readouterr().out  # Tune's own tables show the values as written: staged, not "staged"
+    assert "staged" in shown and '"staged"' not in shown and "[[2, 32], [8, 64]]" in shown
     trials = sorted(p for p in (tmp_path / "exp" / "grouped" / "trials").iterdir() if (p / "trackers.json").exists())
     assert len(trials) == 2
     for trial in trials:
@@ -135,3 +139,47 @@ def test_generate_is_seeded_and_greedy_equals_transformers_generate(runs, capsys
     assert main(["report", str(runs / "plain")]) == 0
     assert "--- 'def ' (greedy, 48 tokens)" in capsys.readouterr().out
     assert (runs / "plain" / "samples.txt").read_text().count("--- ") == 3
+
+
+def tracked_trial(runs_dir: str, name: str, steps: int) -> None:
+    """One search trial's rank 0 as far as MLflow sees it: its tracker sends a metrics record per step."""
+    from pathlib import Path
+
+    from raytrain.trackers import Trackers
+    run_dir = Path(runs_dir) / name
+    run_dir.mkdir()
+    cfg = load_config(None, ["run.loggers=[mlflow]", f"run.name={name}", f"run.dir={runs_dir}", "run.group=search"],
+                      environment=False)
+    trackers = Trackers(run_dir, cfg, print)
+    for step in range(steps):
+        trackers.log("metrics", {"step": step, "tokens": 64 * step, "loss": 1.0 + step / 1000})
+    trackers.close()
+    assert "dropped" not in trackers.state, trackers.state
+
+
+def test_four_trials_writing_to_the_default_mlflow_store_at_once_lose_no_record(tmp_path, monkeypatch):
+    """The default store is MLflow's SQLite store (no file-store consent variable set anywhere): created once
+    by the driver, then 4 processes write 60 steps each at the same time; MLflow's client reads back every
+    loss of every trial."""
+    import multiprocessing
+
+    from mlflow import MlflowClient
+
+    from raytrain.trackers import create_mlflow_store, mlflow_uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    create_mlflow_store(tmp_path)
+    context = multiprocessing.get_context("spawn")
+    trials = [context.Process(target=tracked_trial, args=(str(tmp_path), f"trial-{i}", 60)) for i in range(4)]
+    for trial in trials:
+        trial.start()
+    for trial in trials:
+        trial.join(300)
+        assert trial.exitcode == 0
+    assert mlflow_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    client = MlflowClient(mlflow_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"trial-{i}" for i in range(4)]
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [(s, 1.0 + s / 1000) for s in range(60)]

@@ -160,11 +160,16 @@ def test_a_search_in_which_every_trial_fails_says_so_and_why(ray_session, tmp_pa
     assert err.count("stopped: 1 non-finite losses in a row (train.max_nonfinite)") == 2
 
 
-def test_candidates_travel_through_tune_as_json_text_and_come_back_equal():
+def test_candidates_travel_through_tune_as_written_lists_as_text_and_come_back_equal():
+    """Tune's table shows what it is given: scalars as written (staged, not "staged"); a list as its JSON text
+    (Tune would read a raw list as a nested search space)."""
     from raytrain.tune_spec import as_tune_point, from_tune_point
-    trial = {"train.lr": 0.002, "lengths.stages": [[30, 256], [60, 512]], "lengths.schedule": "staged"}
+    trial = {"train.lr": 0.002, "lengths.stages": [[30, 256], [60, 512]], "lengths.schedule": "staged",
+             "lengths.warmup_steps": None}
     point = as_tune_point(trial)
-    assert all(isinstance(v, str) for v in point.values()) and from_tune_point(point, trial) == trial
+    assert point == {"train.lr": 0.002, "lengths.stages": "[[30, 256], [60, 512]]", "lengths.schedule": "staged",
+                     "lengths.warmup_steps": None}
+    assert from_tune_point(point, trial) == trial
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "tune_configs" / "study").glob("*.yaml")), ids=lambda p: p.name)

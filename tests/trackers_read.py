@@ -18,10 +18,8 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def mlflow_client(run_dir: Path):
-    import os
 
     from mlflow import MlflowClient
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     state = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
     return MlflowClient(tracking_uri=state["tracking_uri"]), state["run_id"]
 
