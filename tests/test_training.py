@@ -19,10 +19,12 @@ RUNS = {  # name: extra overrides
     "zero2": ["deepspeed.zero_stage=2"],
     "zero3": ["deepspeed.zero_stage=3"],
     "one_worker": ["deepspeed.zero_stage=0", "scaling.num_workers=1"],  # 1 rank x 4 micro-batches
-    **{f"bf16_zero{stage}": [f"deepspeed.zero_stage={stage}", "train.precision=bf16"] for stage in range(4)},
+    # bf16 at ZeRO 1 and 2 runs through the engine in tests/test_engine.py (2 gloo ranks, the GPU's autocast view)
+    **{f"bf16_zero{stage}": [f"deepspeed.zero_stage={stage}", "train.precision=bf16"] for stage in (0, 3)},
     "bf16_one_worker": ["deepspeed.zero_stage=0", "scaling.num_workers=1", "train.precision=bf16"],
-    "recompute_zero3": ["deepspeed.zero_stage=3", "model.activation_checkpointing=true"],
-    "chunked_zero3": ["deepspeed.zero_stage=3", "train.loss_chunk_tokens=48"],  # head + loss 48 positions at a time
+    # recomputed blocks, and the head and loss 48 positions at a time: one run, each changes no number
+    "recompute_chunked_zero3": ["deepspeed.zero_stage=3", "model.activation_checkpointing=true",
+                                "train.loss_chunk_tokens=48"],
 }
 # bf16 against fp32 over the same 6 steps: bf16 keeps 8 significant bits (relative rounding up to 2**-9 = 0.2%
 # per value), but the errors are independent across the 1,024 targets a step averages, so the loss moves by
@@ -114,7 +116,7 @@ def test_records_carry_model_tflops_mfu_grad_norm_and_memory(runs, name):
         assert m["mfu"] > 0 and m["grad_norm"] > 0 and 0 <= m["data_wait"] < 0.5 and 0 < m["peak_memory_gb"] < 1
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "recompute_zero3", "chunked_zero3"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "recompute_chunked_zero3"])
 def test_zero_stages_match_step_for_step(runs, name):
     reference = read_jsonl(runs / "zero1" / "metrics.jsonl")
     other = read_jsonl(runs / name / "metrics.jsonl")
@@ -172,8 +174,8 @@ def test_report_writes_plots_and_prints_the_table(runs, capsys):
     assert (runs / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_runs_at_every_zero_stage_stay_near_fp32(runs, stage):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_runs_stay_near_fp32(runs, stage):
     fp32 = read_jsonl(runs / ("one_worker" if stage == 0 else f"zero{stage}") / "metrics.jsonl")
     if stage == 0:  # ZeRO-0 ran on one worker in fp32; its bf16 twin on two
         fp32 = read_jsonl(runs / "zero1" / "metrics.jsonl")
@@ -193,7 +195,7 @@ def test_bf16_split_over_workers_or_micro_batches_agrees(runs):
 
 def test_bf16_model_dir_equals_the_export_of_its_final_checkpoint(runs, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
-    for name in ("bf16_zero2", "bf16_zero0"):
+    for name in ("bf16_zero3", "bf16_zero0"):
         final = checkpoint_dirs(runs / name)[-1]
         assert main(["export", str(final), "--out", str(tmp_path / name)]) == 0
         ours = AutoModelForCausalLM.from_pretrained(runs / name / "model", local_files_only=True).state_dict()
