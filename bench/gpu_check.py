@@ -10,11 +10,13 @@ temporary directory: nothing is downloaded), on every GPU of this machine (one
 worker each, any type: no accelerator_type is asked for), 65,536 tokens a step in
 micro-batches of 16,384, bf16. Each row says what really ran, as the workers'
 memory probe recorded it: the ZeRO stage (one worker runs ZeRO-0), the dtype the
-linear layers computed in, the attention kernel called; and it compares the
+linear layers computed in, the attention kernel called, whether the blocks were
+compiled (``train.compile: auto`` compiles on a GPU; one row runs eager to show
+what compilation gains); and it compares the
 probe's measured peak memory with ``raytrain plan``'s estimate for the same
 config. Writes ``gpu_check.md`` and ``gpu_check.json`` into ``--out``. On a
-machine without a CUDA GPU it says so in one line and exits 2. About 5 minutes
-on one H200 (a budget of 8).
+machine without a CUDA GPU it says so in one line and exits 2. Sized for 8
+minutes on one GPU (not yet run on one: no GPU has been lent to this project).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def rows(gpus: int) -> dict[str, list[str]]:
     """The runs: name -> overrides on top of ``common``. With one GPU every stage runs ZeRO-0, so ZeRO-3 is
     a row only where there are several."""
     runs = {"uniform 256-2048, documents apart": [],
+            "uniform 256-2048, documents apart, eager": ["train.compile=false"],  # what train.compile gains
             "fixed 2048, documents apart": ["lengths={schedule: fixed, min: 256, max: 2048, multiple_of: 64}"],
             "uniform 256-2048, documents crossed": ["data.cross_documents=true"]}
     if gpus > 1:
@@ -54,8 +57,10 @@ def common(gpus: int, cpus: int, steps: int, model_dir: str, tmp: str) -> list[s
 
 def label(probe: dict, precision: str) -> str:
     """What really ran, from the worker's memory probe record (probe.json)."""
+    compiled = probe.get("compiled", {})
     return (f"ZeRO-{probe['zero_stage']}, {precision}, linear layers in {probe['linear_dtype']}, "
-            f"attention {probe['attention']}")
+            f"attention {probe['attention']}, "
+            + (f"compiled ({compiled['block_graphs']} block graphs)" if compiled.get("compilations") else "eager"))
 
 
 def measure(run_dir: Path, skip: int) -> dict:

@@ -17,8 +17,14 @@ The three loops run in turn, ``--rounds`` times (this machine's speed drifts by
 several percent over minutes); each loop's figure is its mean over the rounds.
 Prints a Markdown table and the two ratios raytrain / bare.
 
+``--compile``: the same loops at a length drawn per step (uniform from 32 to
+``--length``), each eager and with the decoder blocks compiled
+(``raytrain.compiled``: dynamic shapes, one graph for every length; the head and
+loss too in raytrain), so the ratios say what ``train.compile: true`` gains and
+whether raytrain keeps it. The warm-up steps hold the compilation.
+
     python bench/throughput.py [--rounds 2] [--steps 70] [--skip 10] [--length 256] [--tokens-per-step 8192]
-                               [--log-every 10]
+                               [--log-every 10] [--compile]
 """
 from __future__ import annotations
 
@@ -33,10 +39,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 THREADS = 2  # this machine's cores; every loop below uses exactly this many
 
 
-def bare_loop(cfg, steps: int, skip: int) -> float:
+def bare_loop(cfg, steps: int, skip: int, compile_blocks: bool = False) -> float:
     """The plainest loop on the same step plan (lengths, rows, windows); tokens/s over the steps after ``skip``."""
     import torch
 
+    from raytrain import compiled
     from raytrain.model import build_model
     from raytrain.prepare import open_prepared
     from raytrain.steps import Planner
@@ -46,6 +53,8 @@ def bare_loop(cfg, steps: int, skip: int) -> float:
     corpus = open_prepared(cfg.data, cfg.tokenizer)
     stream = corpus.train
     model = build_model(cfg.model, corpus.index["vocab_size"], corpus.index["eot"])
+    if compile_blocks:
+        compiled.compile_blocks(model, documents_apart=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.train.weight_decay)
     plan, tokens = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, stream.size, world=1), 0
@@ -64,9 +73,11 @@ def bare_loop(cfg, steps: int, skip: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def run_keys(length: int, tokens_per_step: int, steps: int, log_every: int, tmp: str) -> list[str]:
-    """The raytrain runs' keys (layout aside): a fixed length, one evaluation and one checkpoint, at the end."""
-    return ["lengths.schedule=fixed", f"lengths.max={length}", f"lengths.min={min(32, length)}",
+def run_keys(length: int, tokens_per_step: int, steps: int, log_every: int, tmp: str,
+             schedule: str = "fixed") -> list[str]:
+    """The raytrain runs' keys (layout aside): one length (or uniform lengths), one evaluation and one
+    checkpoint, at the end."""
+    return [f"lengths.schedule={schedule}", f"lengths.max={length}", f"lengths.min={min(32, length)}",
             f"train.tokens_per_step={tokens_per_step}", f"train.max_steps={steps}", f"train.log_every={log_every}",
             f"eval.every={steps}", "eval.tokens=2048", f"eval.lengths=[{length}]", f"run.checkpoint_every={steps}",
             f"run.dir={tmp}", f"data.cache_dir={tmp}/cache"]
@@ -95,6 +106,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--tokens-per-step", type=int, default=8192)
     parser.add_argument("--log-every", type=int, default=10, help="raytrain's train.log_every (its default: 10)")
+    parser.add_argument("--compile", action="store_true", help="eager against compiled blocks, lengths per step")
     args = parser.parse_args()
     if args.skip % args.log_every or (args.steps - args.skip) % args.log_every:
         parser.error("--skip and --steps must be multiples of --log-every (timings come from whole log intervals)")
@@ -105,20 +117,28 @@ def main() -> None:
     ray.init(num_cpus=THREADS, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        common = run_keys(args.length, args.tokens_per_step, args.steps, args.log_every, tmp)
-        layouts = {"raytrain, 2 workers x 1 CPU": ["scaling.num_workers=2", "scaling.cpus_per_worker=1"],
-                   "raytrain, 1 worker x 2 CPUs": ["scaling.num_workers=1", "scaling.cpus_per_worker=2"]}
-        cfg = load_config(None, common + layouts["raytrain, 1 worker x 2 CPUs"] + ["run.name=warm"])
+        common = run_keys(args.length, args.tokens_per_step, args.steps, args.log_every, tmp,
+                          "uniform" if args.compile else "fixed")
+        one = ["scaling.num_workers=1", "scaling.cpus_per_worker=2"]
+        layouts = {"raytrain, 1 worker x 2 CPUs, eager": one + ["train.compile=false"],
+                   "raytrain, 1 worker x 2 CPUs, train.compile=true": one + ["train.compile=true"]} \
+            if args.compile else {"raytrain, 2 workers x 1 CPU": ["scaling.num_workers=2", "scaling.cpus_per_worker=1"],
+                                  "raytrain, 1 worker x 2 CPUs": one}
+        cfg = load_config(None, common + one + ["run.name=warm"])
         for r in range(args.rounds):
             results.setdefault(f"bare PyTorch, 1 process x {THREADS} threads", []).append(
                 bare_loop(cfg, args.steps, args.skip))
+            if args.compile:
+                results.setdefault("bare PyTorch, blocks compiled", []).append(
+                    bare_loop(cfg, args.steps, args.skip, compile_blocks=True))
             for i, (name, layout) in enumerate(layouts.items()):
                 run = load_config(None, common + layout + [f"run.name=round{r}-{i}"])
                 results.setdefault(name, []).append(raytrain_loop(run, args.skip))
     results = {name: sum(rates) / len(rates) for name, rates in results.items()}
     bare = next(iter(results.values()))
+    lengths = f"lengths uniform 32-{args.length} per step" if args.compile else f"length {args.length}"
     print(f"\n{args.steps - args.skip} timed steps (after {args.skip} warm-up) x {args.tokens_per_step:,} tokens at "
-          f"length {args.length}, built-in model, {THREADS} CPU threads in every loop, raytrain logging every "
+          f"{lengths}, built-in model, {THREADS} CPU threads in every loop, raytrain logging every "
           f"{args.log_every} steps, mean of {args.rounds} rounds\n")
     print("| loop | tokens/s | ratio to bare |\n|---|---:|---:|")
     for name, rate in results.items():

@@ -33,8 +33,12 @@ def test_gpu_check_rows_run_on_every_gpu_of_any_type(gpus, tmp_path):
         assert cfg.data.cross_documents == ("crossed" in name)
         assert cfg.lengths.schedule == ("fixed" if "fixed" in name else "uniform")
         assert cfg.deepspeed.zero_stage == (3 if "ZeRO-3" in name else 2)
-    probe = {"zero_stage": 0, "linear_dtype": "bfloat16", "attention": "varlen FlashAttention-2", "peak_gib": 9.5}
-    assert check.label(probe, "bf16") == "ZeRO-0, bf16, linear layers in bfloat16, attention varlen FlashAttention-2"
+        assert cfg.train.compile == (False if "eager" in name else "auto")  # auto: compiled on a GPU
+    probe = {"zero_stage": 0, "linear_dtype": "bfloat16", "attention": "varlen FlashAttention-2", "peak_gib": 9.5,
+             "compiled": {"compilations": 3, "block_graphs": 2}}
+    assert check.label(probe, "bf16") == "ZeRO-0, bf16, linear layers in bfloat16, attention varlen " \
+                                         "FlashAttention-2, compiled (2 block graphs)"
+    assert check.label({**probe, "compiled": {"compilations": 0}}, "bf16").endswith(", eager")
 
 
 def test_gpu_check_says_in_one_line_that_there_is_no_gpu_and_exits_2():
