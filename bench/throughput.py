@@ -23,8 +23,14 @@ Prints a Markdown table and the two ratios raytrain / bare.
 loss too in raytrain), so the ratios say what ``train.compile: true`` gains and
 whether raytrain keeps it. The warm-up steps hold the compilation.
 
+``--slow-reads MS``: every window read in the workers waits MS milliseconds
+first (a stand-in for a network file system where random windows of a large
+corpus never stay in the page cache), and raytrain runs with ``data.read_ahead``
+0 and 1: the data-wait share of training time, and tokens/s, with and without
+reading the next step's windows while the current one trains.
+
     python bench/throughput.py [--rounds 2] [--steps 70] [--skip 10] [--length 256] [--tokens-per-step 8192]
-                               [--log-every 10] [--compile]
+                               [--log-every 10] [--compile] [--slow-reads MS]
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2  # this machine's cores; every loop below uses exactly this many
 
 
@@ -73,6 +80,12 @@ def bare_loop(cfg, steps: int, skip: int, compile_blocks: bool = False) -> float
     return tokens / (time.perf_counter() - start)
 
 
+def data_wait(metrics: Path, after: int) -> float:
+    """The share of training time spent waiting for the step's windows, over the steps after ``after``."""
+    timed = [json.loads(line) for line in metrics.read_text().splitlines() if json.loads(line)["step"] > after]
+    return sum(r["data_wait"] * r["interval_s"] for r in timed) / sum(r["interval_s"] for r in timed)
+
+
 def run_keys(length: int, tokens_per_step: int, steps: int, log_every: int, tmp: str,
              schedule: str = "fixed") -> list[str]:
     """The raytrain runs' keys (layout aside): one length (or uniform lengths), one evaluation and one
@@ -107,6 +120,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=8192)
     parser.add_argument("--log-every", type=int, default=10, help="raytrain's train.log_every (its default: 10)")
     parser.add_argument("--compile", action="store_true", help="eager against compiled blocks, lengths per step")
+    parser.add_argument("--slow-reads", type=float, metavar="MS", help="delay each window read; read-ahead 0 and 1")
     args = parser.parse_args()
     if args.skip % args.log_every or (args.steps - args.skip) % args.log_every:
         parser.error("--skip and --steps must be multiples of --log-every (timings come from whole log intervals)")
@@ -115,6 +129,8 @@ def main() -> None:
 
     from raytrain.loading import load_config
     ray.init(num_cpus=THREADS, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    if args.slow_reads is not None:
+        return read_ahead_table(args, load_config)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         common = run_keys(args.length, args.tokens_per_step, args.steps, args.log_every, tmp,
@@ -143,6 +159,32 @@ def main() -> None:
     print("| loop | tokens/s | ratio to bare |\n|---|---:|---:|")
     for name, rate in results.items():
         print(f"| {name} | {rate:,.0f} | {rate / bare:.3f} |")
+
+
+def read_ahead_table(args, load_config) -> None:
+    """raytrain (1 worker x 2 CPUs) with every window read delayed, reading ahead 0 and 1 steps."""
+    from raytrain.launch import fit, run_directory
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        common = run_keys(args.length, args.tokens_per_step, args.steps, args.log_every, tmp, "uniform") + \
+            ["scaling.num_workers=1", "scaling.cpus_per_worker=2"]
+        for r in range(args.rounds):
+            for depth in (0, 1):
+                cfg = load_config(None, common + [f"data.read_ahead={depth}", f"run.name=round{r}-{depth}"])
+                # tests/worker_site runs tests.hooks.slow_reads in each worker (Ray ignores an actor's own
+                # worker_process_setup_hook)
+                fit(cfg, runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT / 'tests' / 'worker_site'}:{ROOT}",
+                                                   "RAYTRAIN_WORKER_HOOK": "tests.hooks.slow_reads",
+                                                   "RAYTRAIN_READ_DELAY_MS": str(args.slow_reads)}})
+                metrics = run_directory(cfg) / "metrics.jsonl"
+                rows.setdefault(depth, []).append((logged_rate(metrics, args.skip), data_wait(metrics, args.skip)))
+    print(f"\n{args.steps - args.skip} timed steps x {args.tokens_per_step:,} tokens, lengths uniform "
+          f"32-{args.length}, each window read delayed {args.slow_reads:g} ms, 1 worker x {THREADS} CPUs, "
+          f"mean of {args.rounds} rounds\n")
+    print("| data.read_ahead | tokens/s | data wait (share of training time) |\n|---:|---:|---:|")
+    for depth, measured in rows.items():
+        rate, wait = (sum(m[i] for m in measured) / len(measured) for i in (0, 1))
+        print(f"| {depth} | {rate:,.0f} | {wait:.1%} |")
 
 
 if __name__ == "__main__":
