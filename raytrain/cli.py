@@ -101,7 +101,8 @@ def evaluate_model(model_dir: Path, cfg) -> dict:
     from raytrain.loss import CausalLMLoss
     from raytrain.prepare import prepare as prepare_corpus
     from raytrain.steps import rows_per_micro
-    corpus = open_corpus(prepare_corpus(cfg.data, cfg.tokenizer))
+    # stdout carries the results' JSON alone; the preparation's line goes to stderr
+    corpus = open_corpus(prepare_corpus(cfg.data, cfg.tokenizer, say=lambda line: print(line, file=sys.stderr)))
     check_corpus(corpus, 0, cfg.eval.lengths)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     module = CausalLMLoss(lm, None if cfg.data.cross_documents else corpus.index["eot"])

@@ -209,14 +209,21 @@ def thirty_steps(rank, world, stage, compile_mode, out):
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_compiled_blocks_compile_once_for_every_length_and_train_like_eager(tmp_path, stage):
+def test_compiled_blocks_compile_once_for_every_length_and_train_like_eager(tmp_path, stage, monkeypatch):
     """Each decoder block compiled with dynamic rows and length (at ZeRO-3 a leaf module, gathered whole before
     its compiled forward): 30 steps over 20 or more lengths compile the block's graph at most 3 times
     (document attention, kept out of the graph, splits it in two), and the losses equal eager training's
-    (fp32, 1e-4)."""
-    for mode in ("false", "true"):
-        run_ranks(thirty_steps, 2, stage, mode, tmp_path / f"{mode}.pt")
-    eager, compiled = (torch.load(tmp_path / f"{mode}.pt") for mode in ("false", "true"))
+    (fp32, 1e-4). At ZeRO-1 a second run with the same cache (new processes, as a restart or the next trial)
+    finds every graph in inductor's cache and compiles nothing new."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))  # the spawned ranks inherit it
+    modes = ("false", "true", "true again") if stage == 1 else ("false", "true")
+    for mode in modes:
+        run_ranks(thirty_steps, 2, stage, mode.split()[0], tmp_path / f"{mode}.pt")
+    eager, compiled, *again = (torch.load(tmp_path / f"{mode}.pt") for mode in modes)
     assert compiled["lengths"] >= 20 and eager["compiled"]["compilations"] == 0
     assert 1 <= compiled["compiled"]["block_graphs"] <= 3 and compiled["compiled"]["head_graphs"] == 1
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+    if again:
+        assert compiled["compiled"]["cache_misses"] >= 1
+        assert again[0]["compiled"]["cache_misses"] == 0 and again[0]["compiled"]["cache_hits"] >= 1
+        assert again[0]["losses"] == compiled["losses"]

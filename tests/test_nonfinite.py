@@ -29,7 +29,7 @@ def overrides(model, data, tmp_path, *extra):
             "eval.lengths=[64]", "eval.every=12", "eval.tokens=1024", *extra]
 
 
-@pytest.mark.parametrize("precision,stage", [("fp32", 2), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)])
+@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("fp32", 2), ("bf16", 3)])  # ZeRO-0 drops its own
 def test_non_finite_steps_are_skipped_and_counted(ray_session, poisoned, tmp_path, precision, stage):
     from raytrain.launch import fit
     data = corpus_file(tmp_path, None, poison_positions=[1500, 6100, 9000, 13000])

@@ -114,11 +114,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     import ray
 
     from raytrain.tune import tune_main
-    base = {**TINY_BASE, "data.cache_dir": cache_dir, "train.max_steps": 24}
+    base = {**TINY_BASE, "data.cache_dir": cache_dir, "train.max_steps": 16}
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump({
         "name": "resume", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
-        "search": {"train.lr": {"grid": [3e-3, 4e-3, 5e-3]}}, "scheduler": {"type": "fifo"}, "max_concurrent": 1}))
+        "search": {"train.lr": {"grid": [3e-3, 5e-3]}}, "scheduler": {"type": "fifo"}, "max_concurrent": 1}))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, "-m", "raytrain.cli", "tune", "-c", str(path)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -131,13 +131,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     driver.wait()
     done = terminated_trials(experiment)
     finished = {name: (trials / name / "model" / "model.safetensors").stat().st_mtime_ns for name in done}
-    assert 1 <= len(finished) < 3
+    assert len(finished) == 1  # killed while the second trial runs
     time.sleep(5)  # Ray reaps the dead driver's trial actors
     rows = tune_main(str(path), [], resume=True)
-    assert sorted(r["status"] for r in rows) == ["completed"] * 3
+    assert sorted(r["status"] for r in rows) == ["completed"] * 2
     for name, stamp in finished.items():  # the finished trial was not run again
         assert (trials / name / "model" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert len(list(trials.glob("*/model/model.safetensors"))) == 3
+    assert len(list(trials.glob("*/model/model.safetensors"))) == 2
 
 
 @pytest.mark.ray
