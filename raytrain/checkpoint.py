@@ -355,9 +355,13 @@ def load_full_state(engine, tensors: dict[str, dict[str, torch.Tensor]], step: f
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     stage = engine.zero_optimization_stage()
     optimizer = engine.optimizer if stage == 0 else engine.optimizer.optimizer  # the torch AdamW underneath
-    for group in optimizer.param_groups:  # torch's AdamW creates its state at the first step: create it now
-        for flat in group["params"]:
-            optimizer.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    # torch's AdamW creates its state at the first step: create it now, for every flat partition DeepSpeed keeps
+    # (ZeRO-3 swaps its sub-groups' flats in and out of the param groups, so those alone can miss some)
+    flats = [p for group in optimizer.param_groups for p in group["params"]]
+    flats += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])  # ZeRO-3
+    flats += list(getattr(engine.optimizer, "single_partition_of_fp32_groups", None) or [])  # ZeRO-1/2
+    for flat in {id(f): f for f in flats}.values():
+        optimizer.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in MOMENTS}}
     for name, param in engine.module.named_parameters():
         saved = tensors[name]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # ZeRO-3: every rank gets rank 0's
