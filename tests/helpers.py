@@ -61,15 +61,17 @@ def complete_checkpoint_at(storage: Path, step: int) -> bool:
     return False
 
 
-def kill_a_worker_after_checkpoint(storage: Path, step: int, timeout: float = 300):
+def kill_a_worker_after_checkpoint(storage: Path, step: int, timeout: float = 300, refresh=lambda: None):
     """A thread that SIGKILLs one training worker as soon as the checkpoint of ``step`` is complete in
-    ``storage`` (a run's directory under run.storage): the process dies mid-step, as on a lost node."""
+    ``storage`` (a run's directory under run.storage, or a local mirror that ``refresh`` updates before each
+    look): the process dies mid-step, as on a lost node."""
     import threading
     import time
 
     def watch():
         deadline = time.time() + timeout
         while time.time() < deadline and not complete_checkpoint_at(storage, step):
+            refresh()
             time.sleep(0.01)
         workers = train_workers()
         if workers:

@@ -2,6 +2,7 @@
 of workers at ZeRO-1 and ZeRO-3 (resharded), past a torn last record line and past a damaged newest checkpoint,
 and with its storage on an S3 API; every one writes the uninterrupted run's records."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,30 +109,18 @@ def test_one_worker_resumes_on_two(root, reference, stage):
 def kill_a_worker_after_s3_checkpoint(bucket: str, prefix: str, step: int):
     """kill_a_worker_after_checkpoint for storage on S3: the bucket's run prefix mirrored to a local folder."""
     import tempfile
-    import threading
-    import time
-    from pathlib import Path
 
     import boto3
     mirror, s3 = Path(tempfile.mkdtemp()), boto3.client("s3")
 
-    def watch():
-        from tests.helpers import complete_checkpoint_at, train_workers
-        deadline = time.time() + 300
-        while time.time() < deadline and not complete_checkpoint_at(mirror, step):
-            for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
-                name = item["Key"][len(prefix) + 1:]
-                if name.startswith("checkpoint_") and name.endswith((".json",)):
-                    target = mirror / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    s3.download_file(bucket, item["Key"], str(target))
-            time.sleep(0.05)
-        workers = train_workers()
-        if workers:
-            workers[-1].kill()
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def refresh():
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
+            name = item["Key"][len(prefix) + 1:]
+            if name.startswith("checkpoint_") and name.endswith(".json"):
+                target = mirror / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, item["Key"], str(target))
+    return kill_a_worker_after_checkpoint(mirror, step, refresh=refresh)
 
 
 def test_storage_on_s3_resumes_a_killed_worker_exactly_and_exports_and_reports(root, reference, s3_endpoint,
