@@ -43,6 +43,8 @@ HARMLESS = {
 _HARMLESS = re.compile("|".join(f"(?:{pattern})" for pattern in HARMLESS))
 
 _state = {"console": None, "last": 0.0}  # the console while a capture runs; when the pump last saw a line
+DRAINED = "\x00raytrain: the pump has read everything written before this line"
+_drained = threading.Event()
 
 
 def say(line: str, rank: int | None = None) -> None:
@@ -83,6 +85,9 @@ def pump(read_fd: int, log, console, verbose: bool, tune_table: bool) -> None:
         *lines, pending = (pending + chunk).split(b"\n")
         for raw in lines:
             line = raw.decode("utf-8", "replace")
+            if line == DRAINED:
+                _drained.set()
+                continue
             log.write(line + "\n")
             text = shown(line, verbose, tune_table)
             if text is not None:
@@ -142,8 +147,15 @@ def disconnect_ray() -> None:
 
 
 def settle(quiet_s: float = 1.0, most_s: float = 10.0) -> None:
-    """Wait until the pump has been quiet for ``quiet_s`` (the workers' last lines travel through Ray's log
-    stream and arrive after the run returns), at most ``most_s``."""
+    """Wait until the pump has read all this process wrote (a marker line written last comes through), then
+    until it has been quiet for ``quiet_s`` (the workers' last lines travel through Ray's log stream and arrive
+    after the run returns), at most ``most_s`` in all. Without the marker, a command's last line written just
+    before it ends could still sit in the pipe when the process exits."""
     deadline = time.monotonic() + most_s
+    if _state["console"] is None:
+        return  # no capture: nothing goes through a pump
+    _drained.clear()
+    os.write(1, (DRAINED + "\n").encode())
+    _drained.wait(most_s)
     while time.monotonic() < deadline and time.monotonic() - _state["last"] < quiet_s:
         time.sleep(0.1)

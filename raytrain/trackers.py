@@ -10,7 +10,10 @@ reached) is reported once and dropped; the run goes on.
 A resumed run continues the same tracker runs (their ids are kept in
 ``trackers.json``) and skips the records it already sent: a resume is exact, so
 the records a crashed attempt logged after its checkpoint are the ones the
-resumed run would log again.
+resumed run would log again. What was sent is each tracker's own word where it
+can give it: an attempt killed between sending a record and noting it in
+``trackers.json`` must not send it twice (TensorBoard purges past its last noted
+step, MLflow is asked for the last step it holds).
 """
 from __future__ import annotations
 
@@ -48,9 +51,14 @@ def numeric(record: dict, kind: str) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    """``sent``: the steps noted as sent, by kind. A resumed writer tells TensorBoard's readers to drop what an
+    earlier attempt wrote from the first unnoted step on (its ``purge_step``); everything after is sent again."""
+
+    def __init__(self, run_dir: Path, cfg, state: dict, sent: dict):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        last = min(sent.values(), default=None)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=None if last is None else last + 1)
+        sent.update(dict.fromkeys(sent, last))
         if not state:
             self.writer.add_text("config", "```yaml\n" + cfg.to_yaml() + "```", 0)
         state["dir"] = str(run_dir / "tensorboard")
@@ -80,9 +88,10 @@ def create_mlflow_store(runs_dir: Path) -> None:
 
 
 class MLflow:
-    """One MLflow run per raytrain run, in the experiment named by run.group (a search) or 'raytrain'."""
+    """One MLflow run per raytrain run, in the experiment named by run.group (a search) or 'raytrain'. A record
+    goes in one transaction, so the store's last step per kind is what was sent."""
 
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    def __init__(self, run_dir: Path, cfg, state: dict, sent: dict):
         from mlflow import MlflowClient
         from mlflow.entities import Param
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server fails fast, once
@@ -96,6 +105,17 @@ class MLflow:
                 self.client.log_batch(run.info.run_id, params=params[i:i + 100])
             state.update(run_id=run.info.run_id, tracking_uri=uri)
         self.run_id = state["run_id"]
+        sent.clear()
+        sent.update(self.last_steps())
+
+    def last_steps(self) -> dict[str, int]:
+        """{kind: the last step the store holds}: an evaluation's names start with 'val/', a metrics record
+        always has 'tokens'."""
+        names = sorted(self.client.get_run(self.run_id).data.metrics)
+        found = {"metrics": "tokens" if "tokens" in names else None,
+                 "eval": next((n for n in names if n.startswith("val/")), None)}
+        return {kind: max(m.step for m in self.client.get_metric_history(self.run_id, name))
+                for kind, name in found.items() if name}
 
     def experiment(self, name: str) -> str:
         """Its id, creating it; two trials of a search may both try to create it at once."""
@@ -127,7 +147,7 @@ class MLflow:
 class WandB:
     """One W&B run per raytrain run (project 'raytrain', grouped by run.group); offline unless logged in."""
 
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    def __init__(self, run_dir: Path, cfg, state: dict, sent: dict):
         import wandb
         state.setdefault("id", secrets.token_hex(4))  # W&B's own form: 8 lowercase characters
         mode = os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
@@ -174,8 +194,8 @@ class Trackers:
         self.state.setdefault("sent", {})
         self.open = {}
         for name in cfg.run.loggers:
-            self._guard(name, lambda name=name: self.open.__setitem__(
-                name, TRACKERS[name](run_dir, cfg, self.state.setdefault(name, {}))))
+            self._guard(name, lambda name=name: self.open.__setitem__(name, TRACKERS[name](
+                run_dir, cfg, self.state.setdefault(name, {}), self.state["sent"].setdefault(name, {}))))
         self._save()
 
     def log(self, kind: str, record: dict) -> None:
@@ -214,4 +234,7 @@ class Trackers:
             self.say(f"warning: run.loggers: {name} failed ({reason}); the run goes on without it")
 
     def _save(self) -> None:
-        self.path.write_text(json.dumps(self.state, indent=1))
+        """Whole or not at all: a kill mid-write must not leave a file the next attempt cannot read."""
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.state, indent=1))
+        os.replace(partial, self.path)

@@ -79,6 +79,28 @@ def test_capture_sends_every_line_to_the_log_and_only_ours_to_the_console(tmp_pa
     assert set(theirs) <= set(logged) and "[raytrain:-] done: 1 steps" in logged
 
 
+LAST_LINE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from raytrain import console
+    with console.capture(Path(sys.argv[1])):
+        console.say("waiting for another command's lock")
+        time.sleep(1.5)  # longer than settle's quiet time: the pump has nothing to do when the last line comes
+        for i in range(200):
+            console.say(f"line {i}")
+""")
+
+
+def test_a_commands_last_lines_reach_the_console_before_it_exits(tmp_path):
+    """The case of `raytrain prepare` printing the corpus directory last, after waiting on another's lock: the
+    process ends at once, and what the pump has not read yet must not be lost with it."""
+    for attempt in range(2):
+        done = subprocess.run([sys.executable, "-c", LAST_LINE, str(tmp_path / f"{attempt}.log")],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "line 199" and done.stdout.count("line ") == 200
+
+
 # The built-in default's losses, as docs/results.md shows them (2 workers x 1 CPU, fp32, gloo): a change that
 # moves every variant alike (the loss normalisation, the windows, the schedule, the initialisation) moves these.
 PINNED_EVAL = {0: (5.4558, 5.4573, 5.4600), 80: (2.6295, 2.6223, 2.6390), 240: (1.9965, 1.9722, 2.0712)}

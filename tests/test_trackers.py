@@ -9,6 +9,7 @@ import yaml
 
 from raytrain.cli import main
 from raytrain.loading import load_config
+from raytrain.trackers import MLflow
 from tests.helpers import TINY, read_jsonl
 from tests.trackers_read import (
     assert_every_tracker_holds_the_records,
@@ -43,6 +44,40 @@ def test_trackers_skip_what_an_earlier_attempt_sent_and_continue_the_same_runs(t
     run = assert_every_tracker_holds_the_records(run_dir, need={"loss", "tokens", "val/loss@64/pos0-0"})
     assert run["files"] == 2 and sorted(run["history"]) == [0, 2, 4]
     assert set(json.loads((run_dir / "trackers.json").read_text())) == {"tensorboard", "mlflow", "wandb", "sent"}
+
+
+def test_a_record_sent_but_not_noted_before_a_kill_is_not_sent_twice(tmp_path):
+    """An attempt killed after sending step 4 to TensorBoard and MLflow but before noting it in trackers.json
+    (the window a killed worker hits): the resumed attempt sends step 4 again, and each holds it once."""
+    from raytrain.trackers import Trackers
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+    cfg = load_config(None, ["run.loggers=[tensorboard,mlflow]", "run.name=r1", f"run.dir={tmp_path}"],
+                      environment=False)
+    records = [("eval", {"step": 0, "tokens": 0, "val/loss@64": 5.0}),
+               *[("metrics", {"step": s, "tokens": 100 * s, "loss": 3.0 / s}) for s in (2, 4)]]
+    killed = Trackers(run_dir, cfg, print)  # never closed: the process died
+    for kind, record in records:
+        killed.log(kind, record)
+    state = json.loads((run_dir / "trackers.json").read_text())
+    for name in ("tensorboard", "mlflow"):
+        state["sent"][name]["metrics"] = 2  # the note of step 4 never written
+    (run_dir / "trackers.json").write_text(json.dumps(state))
+    (run_dir / "eval.jsonl").write_text(json.dumps(records[0][1]) + "\n")  # as the checkpoint at step 2 left
+    (run_dir / "metrics.jsonl").write_text(json.dumps(records[1][1]) + "\n")
+    resumed = Trackers(run_dir, cfg, print)
+    resumed.replay(run_dir)
+    for kind, record in records[2:] + [("eval", {"step": 4, "tokens": 400, "val/loss@64": 4.0})]:
+        resumed.log(kind, record)
+        with open(run_dir / f"{kind}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    resumed.close()
+    want = expected(run_dir)
+    assert want["loss"] == {2: 1.5, 4: 0.75} and want["val/loss@64"] == {0: 5.0, 4: 4.0}
+    assert_holds(tensorboard_scalars(run_dir), want)
+    client, run_id = mlflow_client(run_dir)
+    assert_holds({k: [(m.step, m.value) for m in client.get_metric_history(run_id, MLflow.key(k))]
+                  for k in want}, want)
 
 
 @pytest.fixture(scope="module")
