@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
-from raytrain.config import Config
+from raytrain.config import Config, flatten
 
 ENGINE = "engine"  # DeepSpeed's tag: the folder of its files
 STATE = "state.json"
@@ -81,12 +82,14 @@ def verify(directory: Path) -> dict:
 
 
 class Checkpointer:
-    """Saves and restores the engine, the loop state and the meter; decides when a checkpoint is due."""
+    """Saves and restores the engine, the loop state, the meter and the steps trained so far (``plan``'s
+    lengths and budgets); decides when a checkpoint is due."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, log):
+    def __init__(self, cfg: Config, rank: int, world: int, log, plan, run_dir: Path):
         self.every, self.max_steps, self.rank, self.world, self.log = \
             cfg.run.checkpoint_every, cfg.train.max_steps, rank, world, log
         self.config_yaml, self.asynchronous = cfg.to_yaml(), cfg.run.checkpoint_upload == "async"
+        self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
         self.uploaded = threading.Event()  # set when the newest checkpoint's upload has ended
         self.uploaded.set()
 
@@ -95,23 +98,40 @@ class Checkpointer:
 
     def restore(self, engine, meter) -> LoopState:
         """The newest complete checkpoint loaded into the engine and meter (resharded when saved by a different
-        number of ranks or ZeRO stage); a fresh state when there is none. Records after it are dropped."""
-        for checkpoint in candidates():
+        number of ranks or ZeRO stage); a fresh state when there is none. Records after it are dropped. A run
+        without a checkpoint of its own starts from ``run.init_from`` when set (its records and lineage too)."""
+        own = candidates()
+        for checkpoint in own or self.donor():
             with checkpoint.as_directory() as directory:
                 try:
                     saved = verify(Path(directory))
                 except DamagedCheckpoint as err:
+                    if not own:
+                        raise DamagedCheckpoint(f"run.init_from = {checkpoint.path}: {err}") from None
                     self.log.say(f"warning: checkpoint {checkpoint.path} is damaged ({err}); it is left in place "
                                  "and the run resumes from the one before it")
                     continue
                 self._load(engine, Path(directory), saved)
+                donor = None if own else Config.model_validate(yaml.safe_load((Path(directory) / CONFIG).read_text()))
             meter.load_state_dict(saved["meter"])
+            if "steps" in saved:
+                self.plan.adopt(saved["steps"])
             state = LoopState(step=saved["step"], tokens=saved["tokens"], last_eval=saved["last_eval"])
-            self.log.truncate_after(state.step)
-            self.log.say(f"resumed from checkpoint at step {state.step} ({state.tokens:,} tokens): {checkpoint.path}")
+            if donor is None:
+                self.log.truncate_after(state.step)
+                self.log.say(f"resumed from checkpoint at step {state.step} ({state.tokens:,} tokens): "
+                             f"{checkpoint.path}")
+            else:
+                self.log.adopt(Path(saved["run_dir"]), state.step, lineage(donor, self.cfg))
+                self.log.say(f"started from {saved['run_dir']}'s checkpoint at step {state.step} "
+                             f"({state.tokens:,} tokens): {checkpoint.path}")
             return state
         self.log.truncate_after(-1)  # fresh, or restarted before any checkpoint was complete: start over exactly
         return LoopState()
+
+    def donor(self) -> list:
+        from ray.train import Checkpoint
+        return [Checkpoint(self.cfg.run.init_from)] if self.cfg.run.init_from else []
 
     def _load(self, engine, directory: Path, saved: dict) -> None:
         stage = engine.zero_optimization_stage()
@@ -151,7 +171,8 @@ class Checkpointer:
             (staging / CONFIG).write_text(self.config_yaml)
             (staging / STATE).write_text(json.dumps({
                 **state.__dict__, "meter": meter.state_dict(), "world": self.world,
-                "stage": engine.zero_optimization_stage(), "parameters": optimizer_order(engine)}))
+                "stage": engine.zero_optimization_stage(), "parameters": optimizer_order(engine),
+                "steps": self.plan.clock.history(state.step), "run_dir": str(self.run_dir)}))
         writer, rank, uploaded = engine.checkpoint_engine, self.rank, self.uploaded
 
         def upload(checkpoint, name: str):  # in Ray's upload thread (asynchronous) or here (synchronous)
@@ -231,6 +252,14 @@ def host_copy(value):
     if isinstance(value, list):
         return [host_copy(v) for v in value]
     return value
+
+
+def lineage(donor: Config, ours: Config) -> dict:
+    """What a run started from ``donor``'s checkpoint changed: every key but the run section's that differs."""
+    before, after = (flatten(c.model_dump(mode="json", exclude={"run"})) for c in (donor, ours))
+    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)}
+    return {"changed": changed, "lr": ours.train.lr, "donor_lr": donor.train.lr}
 
 
 def newest_checkpoint() -> str:

@@ -27,13 +27,18 @@ def cross_problems(s: dict) -> list[Problem]:
     """Checks that involve several keys (no files, no machine)."""
     lengths, train, model, scaling, ev = (s[k] for k in ("lengths", "train", "model", "scaling", "eval"))
     problems = lengths.problems()
-    problems += at_least_one_row("train.tokens_per_step", train.tokens_per_step, lengths.max, "every step")
-    longest = rows_of(train.tokens_per_step, lengths.max)
-    if train.tokens_per_step >= lengths.max and longest < scaling.num_workers:
-        problems.append(("train.tokens_per_step", train.tokens_per_step,
-                         f"gives {longest} row(s) at lengths.max, fewer than "
-                         f"scaling.num_workers ({scaling.num_workers}); use at least "
-                         f"{lengths.max * scaling.num_workers}"))
+    budgets = [("train.tokens_per_step", train.tokens_per_step)]
+    if train.batch_warmup_tokens:  # the warmup's first step is its smallest
+        budgets.append(("train.batch_start_tokens", train.batch_start_tokens))
+        if train.batch_start_tokens > train.tokens_per_step:
+            problems.append(("train.batch_start_tokens", train.batch_start_tokens,
+                             f"must be <= train.tokens_per_step ({train.tokens_per_step}): a batch warmup grows"))
+    for key, budget in budgets:
+        problems += at_least_one_row(key, budget, lengths.max, "every step")
+        longest = rows_of(budget, lengths.max)
+        if budget >= lengths.max and longest < scaling.num_workers:
+            problems.append((key, budget, f"gives {longest} row(s) at lengths.max, fewer than scaling.num_workers "
+                                          f"({scaling.num_workers}); use at least {lengths.max * scaling.num_workers}"))
     if train.micro_batch_tokens is not None:
         problems += at_least_one_row("train.micro_batch_tokens", train.micro_batch_tokens, lengths.max,
                                      "every micro-batch")

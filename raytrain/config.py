@@ -59,6 +59,14 @@ LengthsConfig = Annotated[Union[tuple(SCHEDULES.values())], Field(discriminator=
 class TrainConfig(Section):
     tokens_per_step: int = Field(8192, ge=1)
     """Global target tokens per optimizer step; a step at length L has tokens_per_step // L rows."""
+    batch_warmup_tokens: int = Field(0, ge=0)
+    """Tokens seen over which a step's token budget grows linearly from batch_start_tokens to tokens_per_step
+    (a batch-size warmup; 0: every step has tokens_per_step)."""
+    batch_start_tokens: int = Field(2048, ge=1)
+    """The first step's token budget in a batch-size warmup."""
+    batch_lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    """How the learning rate follows the budget in a batch-size warmup: lr x (budget / tokens_per_step) to the
+    power 1/2 (Adam's square-root rule), 1, or 0."""
     max_steps: int = Field(240, ge=1)
     """Optimizer steps to train."""
     log_every: int = Field(10, ge=1)
@@ -69,6 +77,9 @@ class TrainConfig(Section):
     """Linear learning-rate warmup steps, then cosine decay to min_lr_ratio * lr."""
     lr_by: Literal["steps", "tokens"] = "steps"
     """Clock the learning-rate schedule runs on: optimizer steps, or tokens seen / tokens_per_step."""
+    lr_changes: list[tuple[int, float]] = Field(default_factory=list)
+    """[[from_step, lr], ...]: from each step on, the peak learning rate is this instead of lr (the warmup and
+    decay keep their shape); a population-based search's replay config lists its changes here."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final learning rate as a fraction of lr."""
     weight_decay: float = Field(0.1, ge=0)
@@ -133,6 +144,10 @@ class RunConfig(Section):
     """async: checkpoints are written and uploaded while training goes on; sync: training waits for both."""
     keep_checkpoints: int = Field(2, ge=1)
     """Newest checkpoints kept."""
+    init_from: Optional[str] = None
+    """Another run's checkpoint (a path or URI) to start from: its weights, optimizer state, step, tokens, the
+    lengths it trained and its records; this config applies from that step on (a population-based search's
+    exploit, or a branch by hand). Ignored once this run has a checkpoint of its own."""
     max_failures: int = Field(2, ge=0)
     """Worker-group failures Ray Train recovers from (from the newest checkpoint) before giving up."""
     loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)

@@ -128,17 +128,28 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def lr_schedule(train: TrainConfig) -> Callable[[int, int], float]:
-    """``lr_at(step, tokens seen)``: linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at
-    ``max_steps``, on the clock ``train.lr_by`` names (steps, or tokens seen / tokens_per_step)."""
-    def lr_at(step: int, tokens: int) -> float:
+LR_POWER = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}  # train.batch_lr_scaling
+
+
+def lr_schedule(train: TrainConfig) -> Callable[[int, int, int], float]:
+    """``lr_at(step, tokens seen, budget)``: linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr``
+    at ``max_steps``, on the clock ``train.lr_by`` names (steps, or tokens seen / tokens_per_step); a step
+    whose token budget is below ``tokens_per_step`` (a batch warmup) scales it by the ratio to the power
+    ``train.batch_lr_scaling`` names (square root by default: Adam's noise scale follows the batch's root).
+    ``train.lr_changes`` replaces the peak from the steps they name on."""
+    power = LR_POWER[train.batch_lr_scaling]
+
+    def lr_at(step: int, tokens: int, budget: int) -> float:
+        peak = next((lr for start, lr in reversed(train.lr_changes) if step >= start), train.lr)
         if train.lr_by == "tokens":
             step = tokens / train.tokens_per_step
         if step < train.warmup_steps:
-            return train.lr * (step + 1) / train.warmup_steps
-        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine)
+            lr = peak * (step + 1) / train.warmup_steps
+        else:
+            progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+            cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            lr = peak * (train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine)
+        return lr * (budget / train.tokens_per_step) ** power
     return lr_at
 
 

@@ -209,8 +209,15 @@ def plan_run(cfg: Config, vocab: Optional[int] = None, gpu: Optional[str] = None
         available = None
     return RunPlan(cfg, sum(p.numel() for p in model.parameters()), buckets, shapes[0], shapes[-1],
                    planner.largest_micro_batch(), memory_of(cfg, model, planner, buckets), accelerator, available,
-                   cfg.train.max_steps * cfg.train.tokens_per_step,
+                   planner.total_tokens(),
                    planner.total_flops(model_shape(model)) if with_time else 0.0)
+
+
+def batch_warmup(train) -> str:
+    if not train.batch_warmup_tokens:
+        return ""
+    return (f" (a batch warmup from {train.batch_start_tokens:,} tokens per step over "
+            f"{train.batch_warmup_tokens:,} tokens, lr by {train.batch_lr_scaling})")
 
 
 def describe(plan: RunPlan, mfu: float) -> str:
@@ -221,8 +228,8 @@ def describe(plan: RunPlan, mfu: float) -> str:
              f"model: {plan.params / 1e6:.1f}M parameters (a block {plan.buckets.block / 1e6:.1f}M, largest layer "
              f"{plan.buckets.largest_layer / 1e6:.1f}M), ZeRO-{zero_stage(cfg.deepspeed.zero_stage, s.num_workers)}, "
              f"precision {'bf16' if cfg.bf16 else 'fp32'}",
-             f"steps: {cfg.train.max_steps:,} x {cfg.train.tokens_per_step:,} tokens = {plan.total_tokens:,} tokens; "
-             f"lengths {cfg.lengths.schedule} {cfg.lengths.min}-{cfg.lengths.max}"]
+             f"steps: {cfg.train.max_steps:,} x up to {cfg.train.tokens_per_step:,} tokens = {plan.total_tokens:,} "
+             f"targets{batch_warmup(cfg.train)}; lengths {cfg.lengths.schedule} {cfg.lengths.min}-{cfg.lengths.max}"]
     for name, shape in (("shortest", plan.shortest), ("longest", plan.longest)):
         lines.append(f"  {name} L={shape.length}: {shape.rows} rows per step, up to {shape.rank_rows} per rank in "
                      f"{shape.micro_batches} micro-batch(es) of up to {shape.micro_rows} rows")

@@ -16,6 +16,7 @@ from raytrain import console
 from raytrain.evaluate import length_losses
 
 RECORDS = ("metrics.jsonl", "eval.jsonl")
+LINEAGE = "lineage.json"  # a run started from another's checkpoint: [{from_step, run, lr, changed}, ...]
 
 
 def say(line: str) -> None:
@@ -77,9 +78,9 @@ class RunLog:
         losses = "  ".join(f"{length}: {loss:.4f}" for length, loss in length_losses(record).items())
         say(f"eval step {record['step']} | val loss by length  {losses}")
 
-    def record(self, name: str, values: dict) -> None:
+    def record(self, name: str, values: dict | list) -> None:
         """A JSON file of the run directory, written whole."""
-        (self.run_dir / name).write_text(json.dumps(values, indent=1))
+        (self.run_dir / name).write_text(json.dumps(values, indent=1 if isinstance(values, dict) else None))
 
     def close(self) -> None:
         if self.trackers:
@@ -97,6 +98,21 @@ class RunLog:
                 say(f"warning: {path} ended in a torn record ({torn[:60]!r}...), written by an attempt that was "
                     "stopped mid-write; dropped")
             rewrite(path, [r for r in records if r["step"] <= step])
+        if self.trackers:
+            self.trackers.replay(self.run_dir)
+
+    def adopt(self, donor_dir: Path, step: int, lineage: dict) -> None:
+        """Start from another run's checkpoint at ``step``: its records up to there become this run's (the model
+        carries that history), and ``lineage.json`` says which run it came from and what changed."""
+        for name in RECORDS:
+            records = read_records(donor_dir / name)[0] if (donor_dir / name).is_file() else []
+            rewrite(self.run_dir / name, [r for r in records if r["step"] <= step])
+        before = donor_dir / LINEAGE
+        earlier = json.loads(before.read_text()) if before.is_file() else \
+            [{"from_step": 0, "run": donor_dir.name, "lr": lineage["donor_lr"], "changed": {}}]
+        segments = [seg for seg in earlier if seg["from_step"] < step] + [
+            {"from_step": step, "run": self.run_dir.name, "lr": lineage["lr"], "changed": lineage["changed"]}]
+        self.record(LINEAGE, segments)
         if self.trackers:
             self.trackers.replay(self.run_dir)
 

@@ -2,12 +2,14 @@
 
 The single owner of step arithmetic, asked by the loop, ``raytrain plan``,
 ``raytrain report``, evaluation and ``bench/``: the length of a step, its rows
-(``tokens_per_step // L``, nothing padded), where its windows start, each rank's
-share, the micro-batches (the same count on every rank, so collective calls stay
-in step), the largest micro-batch any rank runs, and the model FLOPs of a step.
+(``budget // L``, nothing padded; the budget is ``tokens_per_step``, or less in
+a batch warmup), where its windows start, each rank's share, the micro-batches
+(the same count on every rank, so collective calls stay in step), the largest
+micro-batch any rank runs, and the model FLOPs of a step.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -73,37 +75,71 @@ class ModelShape:
         return 3 * (2 * self.weights + 4 * self.layers * self.attention_width * length)
 
 
+def batch_budget(train) -> Callable[[int], int]:
+    """``budget(tokens seen) -> int``: a step's target tokens. With ``train.batch_warmup_tokens`` it grows
+    linearly from ``train.batch_start_tokens`` to ``tokens_per_step`` over that many tokens seen (the token
+    clock, so a schedule of short steps does not stretch it), then stays; without, it is ``tokens_per_step``."""
+    full, start, over = train.tokens_per_step, train.batch_start_tokens, train.batch_warmup_tokens
+    if not over:
+        return lambda seen: full
+    return lambda seen: int(start + (full - start) * min(1.0, seen / over))
+
+
+class StepClock:
+    """``clock(step) -> (L, budget)``: the length and the target-token budget of every step.
+
+    A schedule runs on steps or on tokens seen / ``tokens_per_step``, and a batch
+    warmup on tokens seen; tokens seen before a step are themselves a pure
+    function of the earlier steps' lengths and budgets (``budget // L`` rows of L
+    targets), computed once and memoized, so a resumed run recomputes the same.
+    """
+
+    def __init__(self, length_at, by_tokens: bool, tokens_per_step: int, budget_at: Callable[[int], int]):
+        self.length_at, self.by_tokens, self.tokens_per_step = length_at, by_tokens, tokens_per_step
+        self.budget_at, self.seen, self.steps = budget_at, [0], []
+        self.lock = threading.Lock()  # the read-ahead thread plans steps while the loop asks too
+
+    def __call__(self, step: int) -> tuple[int, int]:
+        with self.lock:
+            return self._fill(step)
+
+    def _fill(self, step: int) -> tuple[int, int]:
+        while len(self.steps) <= step:
+            i, seen = len(self.steps), self.seen[-1]
+            length = self.length_at(i, seen / self.tokens_per_step if self.by_tokens else i)
+            budget = self.budget_at(seen)
+            self.steps.append((length, budget))
+            self.seen.append(seen + rows_of(budget, length) * length)
+        return self.steps[step]
+
+    def adopt(self, history: list[tuple[int, int]]) -> None:
+        """Take the (L, budget) of the steps already trained as given (a run continued from a checkpoint made
+        under other settings trained those); steps after them are this clock's own."""
+        with self.lock:
+            self.steps, self.seen = [tuple(s) for s in history], [0]
+            for length, budget in self.steps:
+                self.seen.append(self.seen[-1] + rows_of(budget, length) * length)
+
+    def history(self, steps: int) -> list[tuple[int, int]]:
+        """(L, budget) of the first ``steps`` steps."""
+        with self.lock:
+            self._fill(steps - 1)
+            return self.steps[:steps]
+
+    def tokens_before(self, step: int) -> int:
+        with self.lock:
+            self._fill(step)
+            return self.seen[step]
+
+
 def build_schedule(cfg, seed: int = 0, total_steps: int = 1000,
                    tokens_per_step: int | None = None) -> Callable[[int], int]:
-    """Return ``schedule(step) -> int`` for a lengths section (a schedule's model or a dict of its keys).
-
-    ``total_steps`` is the run's length (pow2 spreads its sweep over it);
-    ``tokens_per_step`` drives the clock when ``cfg.by == "tokens"``.
-    """
+    """``schedule(step) -> L`` of a lengths section alone, every step at ``tokens_per_step`` (default
+    ``lengths.max``) when the schedule runs on tokens seen."""
     cfg = schedule_model(cfg)
-    length_at = cfg.length_at(seed, total_steps)
-    if cfg.by == "tokens":
-        return TokenClock(length_at, tokens_per_step or cfg.max)
-    return lambda step: length_at(step, step)
-
-
-class TokenClock:
-    """Runs a schedule on tokens seen: t = tokens before the step / tokens_per_step.
-
-    With constant-token batches this differs from the step clock only by the
-    rounding of ``tokens_per_step // L``; tokens seen are themselves a pure
-    function of the earlier steps' lengths, computed once and memoized.
-    """
-
-    def __init__(self, length_at, tokens_per_step: int):
-        self.length_at, self.tokens_per_step, self.seen = length_at, tokens_per_step, [0]
-
-    def __call__(self, step: int) -> int:
-        while len(self.seen) <= step:
-            i = len(self.seen) - 1
-            length = self.length_at(i, self.seen[i] / self.tokens_per_step)
-            self.seen.append(self.seen[i] + rows_of(self.tokens_per_step, length) * length)
-        return self.length_at(step, self.seen[step] / self.tokens_per_step)
+    full = tokens_per_step or cfg.max
+    clock = StepClock(cfg.length_at(seed, total_steps), cfg.by == "tokens", full, lambda seen: full)
+    return lambda step: clock(step)[0]
 
 
 @dataclass(frozen=True)
@@ -111,10 +147,11 @@ class StepPlan:
     """What one optimizer step trains on."""
     step: int
     length: int  # L: every row has L inputs and L targets
-    rows: int  # rows of the global batch
+    rows: int  # rows of the global batch: budget // L
     offsets: np.ndarray  # (rows,) window starts in the train stream
     world: int
     rows_per_micro: int
+    budget: int = 0  # the step's target-token budget (train.tokens_per_step, or less in a batch warmup)
 
     @property
     def targets(self) -> int:
@@ -148,16 +185,25 @@ class Planner:
 
     def __init__(self, lengths, train, windows: str, seed: int, n_tokens: int, world: int):
         self.lengths, self.train, self.world = lengths, train, world
-        self.schedule = build_schedule(lengths, seed, train.max_steps, train.tokens_per_step)
-        self.offsets = window_offsets(windows, n_tokens, seed, self.schedule, train.tokens_per_step)
+        schedule = schedule_model(lengths)
+        self.clock = StepClock(schedule.length_at(seed, train.max_steps), schedule.by == "tokens",
+                               train.tokens_per_step, batch_budget(train))
+        self.offsets = window_offsets(windows, n_tokens, seed, self.clock)
+        self.adopt = self.clock.adopt  # sequential windows' cursor reads the clock, so it follows too
 
     def __call__(self, step: int) -> StepPlan:
-        length = self.schedule(step)
-        rows = rows_of(self.train.tokens_per_step, length)
-        return StepPlan(step, length, rows, self.offsets(step, length, rows), self.world, self.rows_per_micro(length))
+        length, budget = self.clock(step)
+        rows = rows_of(budget, length)
+        return StepPlan(step, length, rows, self.offsets(step, length, rows), self.world, self.rows_per_micro(length),
+                        budget)
+
+    def schedule(self, step: int) -> int:
+        """The length of ``step``."""
+        return self.clock(step)[0]
 
     def rows_per_micro(self, length: int) -> int:
-        """The most rows one forward takes at length L (training's micro-batch; evaluation's batch too)."""
+        """The most rows one forward takes at length L (training's micro-batch; evaluation's batch too), sized by
+        the full budget: a batch warmup's smaller steps only take fewer micro-batches."""
         return rows_per_micro(self.train.tokens_per_step, self.train.micro_batch_tokens, length, self.world)
 
     def shape(self, length: int) -> Shape:
@@ -172,12 +218,16 @@ class Planner:
         return max(self.shapes(), key=lambda s: (s.micro_rows * s.length, s.length))
 
     def total_flops(self, model: ModelShape) -> float:
-        """Model FLOPs of the whole run, every step at its scheduled length."""
+        """Model FLOPs of the whole run, every step at its scheduled length and budget."""
         return sum(self.flops(step, model) for step in range(self.train.max_steps))
 
+    def total_tokens(self) -> int:
+        """Targets of the whole run."""
+        return self.clock.tokens_before(self.train.max_steps)
+
     def flops(self, step: int, model: ModelShape) -> float:
-        length = self.schedule(step)
-        return rows_of(self.train.tokens_per_step, length) * length * model.flops_per_token(length)
+        length, budget = self.clock(step)
+        return rows_of(budget, length) * length * model.flops_per_token(length)
 
 
 # --- where windows start ------------------------------------------------------
@@ -196,8 +246,8 @@ class SequentialOffsets:
     computed once and memoized, so a resumed run continues where it left off.
     """
 
-    def __init__(self, n_tokens: int, schedule, tokens_per_step: int):
-        self.n_tokens, self.schedule, self.tokens_per_step = n_tokens, schedule, tokens_per_step
+    def __init__(self, n_tokens: int, clock: Callable[[int], tuple[int, int]]):
+        self.n_tokens, self.clock = n_tokens, clock  # clock(step) -> (L, budget)
         self.cursor = [0]  # start of the next window before step i
 
     def _lay(self, start: int, length: int, rows: int) -> tuple[np.ndarray, int]:
@@ -212,15 +262,15 @@ class SequentialOffsets:
     def __call__(self, step: int, length: int, rows: int) -> np.ndarray:
         while len(self.cursor) <= step:
             i = len(self.cursor) - 1
-            n = self.schedule(i)
-            self.cursor.append(self._lay(self.cursor[i], n, rows_of(self.tokens_per_step, n))[1])
+            n, budget = self.clock(i)
+            self.cursor.append(self._lay(self.cursor[i], n, rows_of(budget, n))[1])
         return self._lay(self.cursor[step], length, rows)[0]
 
 
-def window_offsets(mode: str, n_tokens: int, seed: int, schedule, tokens_per_step: int):
+def window_offsets(mode: str, n_tokens: int, seed: int, clock):
     """``offsets(step, length, rows)`` for ``data.windows``: the global batch's window starts."""
     if mode == "sequential":
-        return SequentialOffsets(n_tokens, schedule, tokens_per_step)
+        return SequentialOffsets(n_tokens, clock)
     return lambda step, length, rows: random_offsets(n_tokens, seed, step, length, rows)
 
 

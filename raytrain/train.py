@@ -26,6 +26,7 @@ from raytrain.steps import Planner, StepPlan
 from raytrain.trackers import Trackers
 
 STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early; the driver raises it
+STEPS = "steps.json"  # [[L, budget], ...] of every step the finished run trained (a search's replay reads it)
 
 
 def train_worker(payload: dict) -> None:
@@ -35,7 +36,7 @@ def train_worker(payload: dict) -> None:
     log = RunLog(run_dir, cfg.train.max_steps, Trackers.open(run_dir, cfg, say)) if rank == 0 else NullRunLog()
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     meter = Meter(cfg.train, model_shape(engine.module.lm), worker_peak_flops(cfg.scaling, log) * world, memory, log)
-    checkpointer = Checkpointer(cfg, rank, world, log)
+    checkpointer = Checkpointer(cfg, rank, world, log, plan, run_dir)
     evaluator = Evaluator(cfg.eval, cfg.train.max_steps, cfg.lengths.max, corpus.val, engine, plan.rows_per_micro,
                           rank, world, log)
     lr_at, state = lr_schedule(cfg.train), checkpointer.restore(engine, meter)
@@ -44,9 +45,9 @@ def train_worker(payload: dict) -> None:
     log.record("probe.json", probe_memory(engine, plan, memory, log))
     meter.start()
     while state.step < cfg.train.max_steps:
-        set_lr(engine, lr_at(state.step, state.tokens))
         with meter.waiting_for_data():
             step, batches = reader(state.step)
+        set_lr(engine, lr_at(state.step, state.tokens, step.budget))
         loss, finite, grad_norm = train_step(engine, step, batches, world)
         state.advance(step)
         meter.update(step, loss, finite, grad_norm)
@@ -59,6 +60,7 @@ def train_worker(payload: dict) -> None:
                 state.last_eval = evaluator(state) if evaluator.due(state.step) else state.last_eval
                 checkpointer.report(engine, state, meter)
     export_hf(engine, payload["tokenizer_dir"], run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
+    log.record(STEPS, plan.clock.history(cfg.train.max_steps))
     log.close()
 
 

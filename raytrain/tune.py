@@ -8,12 +8,14 @@ than a long one. The spec and its candidates are ``tune_spec``'s.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Optional
 
 from matplotlib.figure import Figure
 
+from raytrain import population
 from raytrain.config import Config
 from raytrain.console import say
 from raytrain.errors import SearchFailed
@@ -31,6 +33,7 @@ from raytrain.tune_spec import (
     load_spec,
     trial_config,
     trial_overrides,
+    trial_problem,
 )
 
 HEAD_NODE = "node:__internal_head__"  # the resource Ray gives the head node, and only the head node
@@ -43,7 +46,10 @@ def run_trial(params: dict, spec: dict, base_path: Optional[str], runs_dir: str)
     spec = TuneSpec.model_validate(spec)
     cfg = trial_config(spec, base_path, from_tune_point(params, spec.search), tune.get_context().get_trial_name(),
                        runs_dir)
-    fit(cfg, callbacks=[TuneReportCallback()])
+    if spec.scheduler.type == "pbt":
+        population.member(cfg, tune.get_checkpoint())
+    else:
+        fit(cfg, callbacks=[TuneReportCallback()])
 
 
 def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
@@ -70,10 +76,16 @@ def tune_main(tune_path: str, overrides: list[str], resume: bool = False):
         create_mlflow_store(experiment / "trials")  # once, before trials write to it at once
     prepare(base.data, base.tokenizer)  # once, before the trials (which share it unless they search data keys)
     total = base.train.max_steps * base.train.tokens_per_step if spec.scheduler.time_attr == "tokens" else None
-    scheduler = FIFOScheduler() if spec.scheduler.type == "fifo" else ASHAScheduler(
-        time_attr=spec.scheduler.time_attr, max_t=total or 10**9,
-        grace_period=spec.scheduler.grace_period or (total / 8 if total else 60),
-        reduction_factor=spec.scheduler.reduction_factor)
+    if spec.scheduler.type == "pbt":
+        scheduler = population.scheduler(
+            spec, lambda point: trial_problem(spec, base_path, from_tune_point(point, spec.search)) is None,
+            spec.scheduler.perturbation_interval or (total / 4 if total else 60))
+    elif spec.scheduler.type == "fifo":
+        scheduler = FIFOScheduler()
+    else:
+        scheduler = ASHAScheduler(time_attr=spec.scheduler.time_attr, max_t=total or 10**9,
+                                  grace_period=spec.scheduler.grace_period or (total / 8 if total else 60),
+                                  reduction_factor=spec.scheduler.reduction_factor)
     # The trial function only drives: no CPU of its own (its Ray Train workers hold the CPUs/GPUs), a memory
     # reservation, and a sliver of the head node's own resource, so that a trial's driver (and with it its Ray
     # Train controller, which runs beside it) lives on the head and never on a preemptible GPU node.
@@ -126,7 +138,8 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
         finished = last.get("step") == base_config(spec, base_path, trial_overrides(params),
                                                    environment=False).train.max_steps
         status = "error" if result.error else ("completed" if finished else "stopped early")
-        rows.append({"trial": Path(result.path).name, **params, metric: last.get(metric), "error": result.error,
+        rows.append({"trial": last.get("run") or Path(result.path).name, **params, metric: last.get(metric),
+                     "error": result.error,
                      "tokens": last.get("tokens"), "wall_s": round(last.get("elapsed_s", 0.0), 1), "status": status,
                      "_history": result.metrics_dataframe})
     sign = 1 if spec.objective.mode == "min" else -1
@@ -143,7 +156,14 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
                            f"a best config from. Each trial's last error:\n" + "\n".join(errors) +
                            f"\nEach trial's run directory is under {experiment / 'trials'}.")
     best = next(r for r in rows if r[metric] is not None)
-    best_cfg = trial_config(spec, base_path, {key: best[key] for key in spec.search}, f"best-of-{spec.name}", "runs")
+    if spec.scheduler.type == "pbt":  # the best model's own path through the search, replayed from scratch
+        best_dir = experiment / "trials" / best["trial"]
+        best_cfg = population.replay_config(best_dir, f"replay-of-{spec.name}")
+        (experiment / "best_lineage.json").write_text(json.dumps(population.lineage(best_dir), indent=1))
+        say("\n".join(population.describe(population.lineage(best_dir))))
+    else:
+        best_cfg = trial_config(spec, base_path, {key: best[key] for key in spec.search}, f"best-of-{spec.name}",
+                                "runs")
     (experiment / "best_config.yaml").write_text(best_cfg.to_yaml())
     _plot(rows, metric, experiment / "objective.png")
     say(markdown_table(rows, columns))

@@ -42,14 +42,24 @@ class Objective(Section):
 
 
 class Scheduler(Section):
-    type: Literal["asha", "fifo"] = "asha"
-    """asha stops the worst trials early; fifo runs every trial to the end."""
+    type: Literal["asha", "fifo", "pbt"] = "asha"
+    """asha stops the worst trials early; fifo runs every trial to the end; pbt (population-based training) has
+    the worst trials copy a better one's checkpoint mid-run and perturb its length keys and train.lr."""
     time_attr: Literal["tokens", "elapsed_s"] = "tokens"
-    """The time axis ASHA compares trials on: tokens seen, or training wall time in seconds."""
+    """The time axis trials are compared on: tokens seen, or training wall time in seconds."""
     grace_period: Optional[float] = Field(None, gt=0)
-    """Time (in time_attr units) every trial gets before it can be stopped; null: an eighth of the run."""
+    """asha: time (in time_attr units) every trial gets before it can be stopped; null: an eighth of the run."""
     reduction_factor: float = Field(2, gt=1)
-    """ASHA keeps 1 / reduction_factor of the trials at each rung."""
+    """asha: keeps 1 / reduction_factor of the trials at each rung."""
+    perturbation_interval: Optional[float] = Field(None, gt=0)
+    """pbt: time (in time_attr units) between a trial's exploits; null: a quarter of the run."""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """pbt: the bottom fraction of trials that copy one of the top fraction."""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """pbt: the chance a perturbed key is drawn afresh from its distribution instead of moved a step."""
+    synch: bool = False
+    """pbt: true waits until every trial reaches each perturbation point and exploits then (each trial pauses
+    and resumes from its checkpoint); false lets each trial exploit when it gets there."""
 
 
 class TuneSpec(Section):
@@ -124,6 +134,8 @@ def search_problems(spec: TuneSpec, base_path: Optional[str]) -> list:
                 problems.append((where, dist, f"bounds reversed or empty: lo ({args[0]}) must be below hi ({args[1]})"))
             elif kind == "loguniform" and args[0] <= 0:
                 problems.append((where, dist, "loguniform bounds must be positive"))
+    if spec.scheduler.type == "pbt":
+        problems += population_problems(spec)
     metric = spec.objective.metric
     lengths = set(base.eval.lengths)
     if "lengths.max" not in spec.search:
@@ -134,7 +146,35 @@ def search_problems(spec: TuneSpec, base_path: Optional[str]) -> list:
     return problems
 
 
-def _domain(kind: str, args: list):
+MID_RUN = ("lengths.", "train.lr")  # what a population-based exploit may change: the rest fixes the run's math
+
+
+def population_problems(spec: TuneSpec) -> list:
+    """PBT changes the searched keys mid-run, exactly: only length keys and train.lr can change there, and a
+    length key moves along a list (a numeric step of 0.8x or 1.2x would leave the lengths' multiple)."""
+    problems = []
+    for key, dist in spec.search.items():
+        kind = next(iter(dist)) if isinstance(dist, dict) and dist else None
+        if not (key.startswith("lengths.") or key == "train.lr"):
+            problems.append((f"search.{key}", dist, "pbt changes keys mid-run and only length keys and train.lr "
+                                                    "can change there; search it with asha or fifo"))
+        elif key.startswith("lengths.") and kind not in ("choice", "grid"):
+            problems.append((f"search.{key}", dist, "pbt moves a length key along a list: write {choice: [...]}"))
+    if "lengths.max" in spec.search and spec.objective.metric == "val/loss@max":
+        problems.append(("objective.metric", spec.objective.metric,
+                         "pbt changes lengths.max mid-run, so val/loss@max would compare different lengths; "
+                         "use val/loss@L for one L, or val/loss@mean"))
+    return problems
+
+
+def population_lengths(spec: TuneSpec) -> list[int]:
+    """Every lengths.max a PBT search may reach: each trial evaluates them all, so an exploit keeps its records'
+    keys and the objective one meaning."""
+    dist = spec.search.get("lengths.max")
+    return sorted(next(iter(dist.values()))) if spec.scheduler.type == "pbt" and dist else []
+
+
+def tune_domain(kind: str, args: list):
     from ray import tune
     return {"choice": lambda: tune.choice(args), "uniform": lambda: tune.uniform(*args),
             "loguniform": lambda: tune.loguniform(*args), "randint": lambda: tune.randint(args[0], args[1] + 1),
@@ -150,7 +190,7 @@ def candidates(spec: TuneSpec, base_path: Optional[str]) -> tuple[list[dict], li
     rng = np.random.RandomState(spec.seed)
     base_schedule = base_config(spec, base_path, environment=False).lengths.schedule
     grid = {k: next(iter(d.values())) for k, d in spec.search.items() if "grid" in d}
-    random = {k: _domain(*next(iter(d.items()))) for k, d in spec.search.items() if "grid" not in d}
+    random = {k: tune_domain(*next(iter(d.items()))) for k, d in spec.search.items() if "grid" not in d}
     trials, notes = [], []
     for point in itertools.product(*grid.values()) if grid else [()]:
         fixed = dict(zip(grid, point))
@@ -199,8 +239,10 @@ def trial_problem(spec: TuneSpec, base_path: Optional[str], params: dict) -> Opt
 def trial_config(spec: TuneSpec, base_path: Optional[str], params: dict, name: str, runs_dir: str) -> Config:
     cfg = base_config(spec, base_path, trial_overrides(params) + [f"run.name={name}", f"run.dir={runs_dir}",
                                                                   f"run.group={spec.name}"])
-    if cfg.lengths.max not in cfg.eval.lengths:  # the objective val/loss@max needs it evaluated
-        cfg.eval.lengths = sorted(cfg.eval.lengths + [cfg.lengths.max])
+    cfg.eval.lengths = sorted(set(cfg.eval.lengths) | {cfg.lengths.max} | set(population_lengths(spec)))
+    if spec.scheduler.type == "pbt":  # an exploit copies a checkpoint made where the scores were compared
+        cfg.run.checkpoint_every, cfg.run.checkpoint_upload = cfg.eval.every, "sync"
+        cfg.run.keep_checkpoints = cfg.train.max_steps // cfg.eval.every + 1  # any of them may be copied
     return cfg
 
 

@@ -16,8 +16,9 @@ FLOORS = {
     3: {"loading"},
     4: {"export", "train", "report", "tune_spec"},
     5: {"launch"},
-    6: {"tune", "doctor"},
-    7: {"cli"},
+    6: {"population", "doctor"},
+    7: {"tune"},
+    8: {"cli"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
 

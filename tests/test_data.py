@@ -108,10 +108,44 @@ def test_eval_windows_do_not_overlap():
     assert eval_offsets(1000, 64, 200).size == 3
 
 
+def test_a_batch_warmup_grows_each_steps_budget_on_tokens_seen_and_scales_the_lr():
+    """Budget = start + (full - start) x min(1, tokens seen / warmup tokens), recomputed here step by step from
+    the lengths drawn; a length schedule on tokens seen runs on the same tokens; the lr follows sqrt(budget)."""
+    from raytrain.engine import lr_schedule
+    keys = {"lengths.schedule": "linear", "lengths.min": 16, "lengths.max": 128, "lengths.multiple_of": 16,
+            "lengths.warmup_steps": 5, "lengths.by": "tokens", "train.tokens_per_step": 4096,
+            "train.batch_warmup_tokens": 20_000, "train.batch_start_tokens": 512, "train.max_steps": 30,
+            "train.warmup_steps": 0, "train.min_lr_ratio": 1.0}
+    cfg = plan_config(**keys)
+    plan = Planner(cfg.lengths, cfg.train, "sequential", 0, 10**6, world=2)
+    seen, lr_at = 0, lr_schedule(cfg.train)
+    for step in range(30):
+        p = plan(step)
+        budget = int(512 + (4096 - 512) * min(1.0, seen / 20_000))
+        length = min(128, int((seen / 4096 + 1) / 5 * (128 - 16) + 16) // 16 * 16)  # DeepSpeed's, t = seen / 4096
+        assert (p.budget, p.rows, p.length) == (budget, budget // length, length), step
+        assert lr_at(step, seen, p.budget) == pytest.approx(3e-3 * (budget / 4096) ** 0.5)
+        seen += p.targets
+    assert p.budget == 4096 and plan.total_tokens() == seen
+    assert plan(0).budget == 512 and plan(0).rows == 512 // plan(0).length
+    linear = lr_schedule(plan_config(**keys, **{"train.batch_lr_scaling": "linear"}).train)
+    assert linear(0, 0, 512) == pytest.approx(3e-3 / 8)
+
+
+@pytest.mark.parametrize("start, fix", [(16384, "must be <= train.tokens_per_step"), (100, "at least one row"),
+                                        (256, "fewer than scaling.num_workers")])
+def test_a_batch_warmups_first_step_is_checked_like_every_step(start, fix):
+    from raytrain.section import ConfigError
+    with pytest.raises(ConfigError, match=fix) as err:
+        load_config(None, ["train.batch_warmup_tokens=10000", f"train.batch_start_tokens={start}",
+                           "lengths.max=256", "lengths.min=32"], environment=False)
+    assert "train.batch_start_tokens" in str(err.value)
+
+
 def test_sequential_windows_target_every_token_once_per_epoch():
     n = 5_000
     lengths = [64, 16, 128, 48, 16, 96] * 40
-    windows = SequentialOffsets(n, lambda step: lengths[step], tokens_per_step=512)
+    windows = SequentialOffsets(n, lambda step: (lengths[step], 512))
     targets = []
     for step, length in enumerate(lengths):
         rows = 512 // length
@@ -128,6 +162,6 @@ def test_sequential_windows_target_every_token_once_per_epoch():
     for epoch in epochs:
         assert epoch == list(range(1, len(epoch) + 1))  # consecutive, none twice, none skipped
         assert n - 1 - len(epoch) < 128  # only a tail shorter than one window is left out
-    fresh = SequentialOffsets(n, lambda step: lengths[step], tokens_per_step=512)
+    fresh = SequentialOffsets(n, lambda step: (lengths[step], 512))
     assert fresh(100, lengths[100], 512 // lengths[100]).tolist() == \
         windows(100, lengths[100], 512 // lengths[100]).tolist()  # a resumed run continues exactly

@@ -14,7 +14,7 @@ import yaml
 from raytrain.loading import load_config
 from raytrain.section import ConfigError
 from raytrain.tune_spec import base_path_of, candidates, load_spec
-from tests.helpers import TINY_BASE, write_spec
+from tests.helpers import TINY_BASE, read_jsonl, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 def problems(tmp_path, **fields):
@@ -96,6 +96,57 @@ def test_search_with_asha_on_tokens(ray_session, cache_dir, tmp_path, capsys):
     assert best.train.lr == float(rows[0]["train.lr"]) and best.model.hidden_size == 32
     assert (experiment / "objective.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trial | train.lr | val/loss@max | tokens | wall_s | status |" in out
+
+
+@pytest.mark.ray
+def test_population_based_search_exploits_exactly_and_replays_a_lineage(ray_session, cache_dir, tmp_path, capsys):
+    """Two trials at once on the built-in model; at the perturbation point (12 steps' tokens; synchronous, so both
+    get there) the worse copies the better's checkpoint and perturbs lengths.max and train.lr. The exploited
+    life's records equal a run by hand from its config (the donor's checkpoint in run.init_from, the perturbed
+    keys), and its replay config (explicit staged lengths, lr changes) trains from scratch to its losses. The
+    summary's best_config.yaml is the best trial's replay. (tune_configs/pbt.yaml is the 4-trial search.)"""
+    from raytrain.cli import main
+    from raytrain.launch import fit
+    from raytrain.population import lineage, replay_config
+    base = {**TINY_BASE, "data.cache_dir": cache_dir, "eval.lengths": [64, 128]}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "pbt", "dir": str(tmp_path / "exp"), "base": {"overrides": base},
+        "search": {"lengths.max": {"choice": [64, 128]}, "train.lr": {"loguniform": [1e-3, 1e-2]}},
+        "objective": {"metric": "val/loss@128"}, "num_samples": 2, "max_concurrent": 2,
+        "scheduler": {"type": "pbt", "perturbation_interval": 9 * 1024, "quantile_fraction": 0.5, "synch": True}}))
+    assert main(["tune", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    experiment = tmp_path / "exp" / "pbt"
+    trials = experiment / "trials"
+    (life,) = [d for d in trials.iterdir() if (d / "lineage.json").is_file()]
+    segments = lineage(life)
+    assert [s["from_step"] for s in segments] == [0, 12] and segments[-1]["run"] == life.name
+    assert (life / "steps.json").is_file()  # it ran to the end
+    by_hand = load_config(str(life / "config.yaml"), ["run.name=by-hand", f"run.dir={tmp_path / 'again'}"])
+    assert by_hand.run.init_from  # the donor's checkpoint
+    fit(by_hand)
+    assert_same_losses(tmp_path / "again" / "by-hand", life, tolerance=1e-9)
+    replay = replay_config(life, "replay", str(tmp_path / "again"))
+    assert replay.lengths.schedule == "staged" and replay.run.init_from is None
+    assert [list(c) for c in replay.train.lr_changes] == [[12, segments[1]["lr"]]]
+    fit(replay)
+    assert_same_losses(tmp_path / "again" / "replay", life, tolerance=1e-4)
+    best = read_results(experiment)[0]["trial"]
+    written = load_config(str(experiment / "best_config.yaml"), environment=False)
+    assert written.model_dump(exclude={"run"}) == replay_config(trials / best, "x").model_dump(exclude={"run"})
+    assert "lineage of the best" in out
+
+
+def assert_same_losses(ours: Path, theirs: Path, tolerance: float) -> None:
+    """Every loss of two runs' records equal: each metrics record's loss and lr, each evaluation's losses."""
+    for name, keys in (("metrics.jsonl", ("step", "tokens", "loss", "lr", "seq_len", "rows")),
+                       ("eval.jsonl", None)):
+        a, b = read_jsonl(ours / name), read_jsonl(theirs / name)
+        assert [r["step"] for r in a] == [r["step"] for r in b], name
+        for x, y in zip(a, b):
+            pick = keys or [k for k in y if k.startswith("val/loss")]
+            assert {k: x[k] for k in pick} == pytest.approx({k: y[k] for k in pick}, rel=tolerance), (name, y["step"])
 
 
 def terminated_trials(experiment: Path) -> list[str]:
