@@ -34,6 +34,7 @@ ENGINE = "engine"  # DeepSpeed's tag: the folder of its files
 STATE = "state.json"
 CONFIG = "config.yaml"  # the run's config, in every checkpoint: raytrain export needs nothing else
 MOMENTS = ("exp_avg", "exp_avg_sq")
+STEPS = "steps.json"  # [[L, budget], ...] of every step a finished run trained, in its run directory
 
 
 @dataclass
@@ -163,6 +164,8 @@ class Checkpointer:
         """
         import ray.train
         started = time.perf_counter()
+        if state.step == self.max_steps:  # finished: what it trained, for a search's replay (population.py)
+            self.log.record(STEPS, self.plan.clock.history(state.step))
         self.uploaded.wait()  # the previous checkpoint's upload: at most one in flight
         waited, self.uploaded = time.perf_counter() - started, threading.Event()
         staging = Path(tempfile.mkdtemp(prefix="raytrain-checkpoint-"))

@@ -42,7 +42,7 @@ def run_directory(cfg: Config) -> Path:
 
 def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     """Train ``cfg`` on ``scaling.num_workers`` Ray Train workers; ``runtime_env`` is merged into theirs."""
-    started = time.monotonic()
+    started, stamps = time.monotonic(), [("command", time.time())]
     run_dir = run_directory(cfg)
     cfg.run.name = run_dir.name
     check_same_run(run_dir, cfg)
@@ -51,11 +51,13 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     os.environ.setdefault("DS_ACCELERATOR", worker_vars["DS_ACCELERATOR"])
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env={"env_vars": worker_vars})
+    stamps.append(("Ray", time.time()))
     corpus_dir = prepare(cfg.data, cfg.tokenizer)
     corpus = open_corpus(corpus_dir)
     check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
     if not cfg.scaling.use_gpu:  # once, here, where its progress shows: never a silent wait in the workers
         build_comm_op(console.say)
+    stamps.append(("corpus and DeepSpeed's op", time.time()))
     run_dir.mkdir(parents=True, exist_ok=True)
     if "mlflow" in cfg.run.loggers:
         create_mlflow_store(run_dir.parent)
@@ -67,7 +69,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     env["env_vars"] = {**worker_vars, **env.get("env_vars", {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "stamps": stamps,
                            "corpus": str(corpus_dir), "tokenizer_dir": str(run_dir / "tokenizer")},
         scaling_config=scaling_config(cfg.scaling),
         # Same name and storage as an earlier attempt: Ray Train resumes from its newest checkpoint.

@@ -34,6 +34,37 @@ class MemoryGauge:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline  # Linux: KiB
 
 
+class Startup:
+    """Where the time from the command to the first step went: stages stamped (wall clock, so the driver's and
+    the workers' stamps line up) in the driver, then on rank 0, each ending when it is marked."""
+
+    def __init__(self, stamps: list, stage: str):
+        """``stamps``: the driver's; ``stage``: what ended when this process got control."""
+        self.stamps = [tuple(s) for s in stamps] or [("command", time.time())]
+        self.mark(stage)
+
+    def mark(self, stage: str) -> None:
+        self.stamps.append((stage, time.time()))
+
+    def done(self, stage: str, log) -> None:
+        """The last stage: say where the time went and keep it in ``startup.json``."""
+        self.mark(stage)
+        log.say(self.line())
+        log.record("startup.json", self.stages())
+
+    def stages(self) -> dict[str, float]:
+        """{stage: seconds}, in order, and the total."""
+        pairs = zip(self.stamps, self.stamps[1:])
+        return {**{stage: end - begin for (_, begin), (stage, end) in pairs},
+                "total": self.stamps[-1][1] - self.stamps[0][1]}
+
+    def line(self) -> str:
+        stages = self.stages()
+        total = stages.pop("total")
+        return f"start-up: {total:.1f} s from the command to the first step (" + \
+            ", ".join(f"{stage} {s:.1f} s" for stage, s in stages.items()) + ")"
+
+
 STATE = ("loss_sum", "targets", "skipped", "bad_in_a_row", "interval_s", "elapsed_s", "interval_tokens", "flops",
          "data_s", "norm_sum", "norms", "checkpoint_s")
 

@@ -24,12 +24,12 @@ import threading
 from functools import reduce
 from pathlib import Path
 
+from raytrain.checkpoint import STEPS
 from raytrain.config import Config
 from raytrain.launch import fit, run_directory
 from raytrain.loading import load_config
 from raytrain.runlog import LINEAGE
 from raytrain.section import ConfigError
-from raytrain.train import STEPS
 from raytrain.tune_spec import as_tune_point, tune_domain
 
 POINTER = "raytrain.json"  # the Tune checkpoint's one file: where the raytrain checkpoint is

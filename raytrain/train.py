@@ -18,7 +18,7 @@ from raytrain.engine import Buckets, deepspeed_config, discard_gradients, init_e
 from raytrain.evaluate import Evaluator
 from raytrain.export import export_hf
 from raytrain.loss import CausalLMLoss
-from raytrain.meter import MemoryGauge, Meter
+from raytrain.meter import MemoryGauge, Meter, Startup
 from raytrain.model import build_model, model_shape
 from raytrain.ops import build_comm_op
 from raytrain.runlog import NullRunLog, RunLog, say
@@ -26,13 +26,14 @@ from raytrain.steps import Planner, StepPlan
 from raytrain.trackers import Trackers
 
 STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early; the driver raises it
-STEPS = "steps.json"  # [[L, budget], ...] of every step the finished run trained (a search's replay reads it)
 
 
 def train_worker(payload: dict) -> None:
     """One data-parallel rank; resumes where a crash left off."""
     cfg, run_dir = Config.model_validate(payload["config"]), Path(payload["run_dir"])
+    startup = Startup(payload.get("stamps", []), "Ray Train's workers")
     rank, world, engine, corpus, memory = setup_worker(cfg, payload["corpus"])
+    startup.mark("model and DeepSpeed engine")
     log = RunLog(run_dir, cfg.train.max_steps, Trackers.open(run_dir, cfg, say)) if rank == 0 else NullRunLog()
     plan = Planner(cfg.lengths, cfg.train, cfg.data.windows, cfg.run.seed, corpus.train.size, world)
     meter = Meter(cfg.train, model_shape(engine.module.lm), worker_peak_flops(cfg.scaling, log) * world, memory, log)
@@ -42,7 +43,9 @@ def train_worker(payload: dict) -> None:
     lr_at, state = lr_schedule(cfg.train), checkpointer.restore(engine, meter)
     reader = ReadAhead(plan, corpus.train, rank, cfg.data.read_ahead)
     state.last_eval = state.last_eval or evaluator(state)
+    startup.mark("checkpoint and first evaluation")
     log.record("probe.json", probe_memory(engine, plan, memory, log))
+    startup.done("memory probe", log)
     meter.start()
     while state.step < cfg.train.max_steps:
         with meter.waiting_for_data():
@@ -60,7 +63,6 @@ def train_worker(payload: dict) -> None:
                 state.last_eval = evaluator(state) if evaluator.due(state.step) else state.last_eval
                 checkpointer.report(engine, state, meter)
     export_hf(engine, payload["tokenizer_dir"], run_dir / "model", rank, {"raytrain.yaml": cfg.to_yaml()})
-    log.record(STEPS, plan.clock.history(cfg.train.max_steps))
     log.close()
 
 

@@ -1,6 +1,7 @@
 """A crash loses nothing: a killed worker or a stopped driver resumes from the newest checkpoint and the run's
 records equal an uninterrupted run's, record for record and field for field (timing aside), even when the
-log interval does not divide the checkpoint interval and non-finite steps are skipped along the way."""
+log interval does not divide the checkpoint interval, non-finite steps are skipped along the way and a batch
+warmup grows each step's budget across the kill."""
 import os
 import signal
 import subprocess
@@ -41,12 +42,13 @@ def common(ray_session, tmp_path_factory):
     """A pretrained (poisoned) model on a corpus with a few '~': some steps are non-finite and skipped."""
     root = tmp_path_factory.mktemp("fault-runs")
     model = poisoned_model(root / "model")
-    data = corpus_file(root, poison_positions=[1500, 9000, 13000])
+    data = corpus_file(root, poison_positions=[1500, 4000, 9000, 13000])
     overrides = [f"model.pretrained={model}", f"data.path={data}", f"data.cache_dir={root / 'cache'}",
                  "data.val_fraction=0.1", f"run.dir={root}", "lengths.min=32", "lengths.max=128",
                  "lengths.multiple_of=32", "train.tokens_per_step=1024", f"train.max_steps={STEPS}",
                  "train.warmup_steps=2", "train.log_every=7", "run.checkpoint_every=10", "eval.every=12",
-                 "eval.lengths=[64,128]", "eval.tokens=1024", "train.micro_batch_tokens=256"]
+                 "eval.lengths=[64,128]", "eval.tokens=1024", "train.micro_batch_tokens=256",
+                 "train.batch_warmup_tokens=12000", "train.batch_start_tokens=512"]  # budgets grow across the kill
     return overrides, root
 
 
