@@ -25,7 +25,7 @@ MARKED = re.compile(r"\[raytrain:(-|\d+)\] (.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Ray Tune's own progress display in a search's driver: its status table and trial events
 TUNE_TABLE = re.compile(r"^(Trial status:|Current time:|Logical resource usage:|[╭╰│├┌└]|Trial \S+ (started|completed|"
-                        r"errored|finished))")
+                        r"errored|finished))|\[Exploit\] Cloning trial")  # the last: population-based training
 ATTENTION = re.compile(r"(?i)warn|error|exception|traceback|fatal|critical|killed|out of memory")
 
 # Warnings and errors of other libraries seen in healthy runs, and why each one is harmless. A match keeps the

@@ -32,7 +32,8 @@ LIBRARIES_LOG = "libraries.log"  # what every other library printed (console.cap
 STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early (non-finite losses)
 # Keys a resumed run may change: where and how wide it runs, not what it computes (the loss is normalized over
 # the global step, so any number of workers and any ZeRO stage gives the same update).
-RESUMABLE = ("scaling.", "deepspeed.zero_stage", "run.max_failures", "run.keep_checkpoints", "run.loggers")
+RESUMABLE = ("scaling.", "deepspeed.zero_stage", "run.max_failures", "run.keep_checkpoints", "run.loggers",
+             "run.init_from")  # a run with a checkpoint of its own resumes from it, wherever it started
 
 
 def run_directory(cfg: Config) -> Path:

@@ -160,13 +160,14 @@ def summarize(results, spec: TuneSpec, base_path: Optional[str], experiment: Pat
         best_dir = experiment / "trials" / best["trial"]
         best_cfg = population.replay_config(best_dir, f"replay-of-{spec.name}")
         (experiment / "best_lineage.json").write_text(json.dumps(population.lineage(best_dir), indent=1))
-        say("\n".join(population.describe(population.lineage(best_dir))))
     else:
         best_cfg = trial_config(spec, base_path, {key: best[key] for key in spec.search}, f"best-of-{spec.name}",
                                 "runs")
     (experiment / "best_config.yaml").write_text(best_cfg.to_yaml())
     _plot(rows, metric, experiment / "objective.png")
     say(markdown_table(rows, columns))
+    if spec.scheduler.type == "pbt":
+        say("\n".join(population.describe(population.lineage(experiment / "trials" / best["trial"]))))
     values = ", ".join(f"{key} = {best[key]!r}" for key in spec.search)
     say(f"\nbest: {best['trial']} ({metric} {best[metric]:.4f}): {values}\n"
         f"config: {experiment / 'best_config.yaml'}\nnext:   raytrain train -c {experiment / 'best_config.yaml'}"

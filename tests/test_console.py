@@ -48,6 +48,9 @@ def test_a_search_shows_tunes_table_and_its_own_lines_but_not_the_trials_step_li
     assert shown("│ trial-00001   RUNNING   uniform   [64, 128] │", False, tune_table=True) is not None
     assert shown("(RayTrainWorker pid=1) [raytrain:0] step 5/20", False, tune_table=True) is None
     assert shown("[raytrain:-] best: trial-00001", False, tune_table=True) == "best: trial-00001"
+    exploit = "INFO pbt.py:907 -- [ValidPBT] [Exploit] Cloning trial c_00003 (score = -2.77) into trial c_00002"
+    assert shown(exploit, False, tune_table=True) == exploit  # population-based training's copies are news
+    assert shown("INFO pbt.py:745 -- [pbt]: no checkpoint for trial t. Skip exploit", False, tune_table=True) is None
 
 
 CHILD = textwrap.dedent("""
