@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from raytrain.config import EvalConfig
 from raytrain.devices import ACCELERATORS
 from raytrain.lengths import Lengths
@@ -91,9 +93,23 @@ def environment_problems(s: dict) -> list[Problem]:
         problems += pretrained
         if not data.cross_documents and not any(key == "model.pretrained" for key, _, _ in pretrained):
             problems += document_attention_problems(model.pretrained)
+    if run.init_from is not None and "://" not in run.init_from:
+        problems += init_from_problems(run.init_from, model)
     for name in missing_trackers(run.loggers):
         problems.append(("run.loggers", name, f"the {name} library is not installed: {EXTRA}"))
     return problems
+
+
+def init_from_problems(path: str, model) -> list[Problem]:
+    """A local checkpoint to start from: one of raytrain's, made by the same model (its weights must fit)."""
+    directory = Path(path).expanduser()
+    if not (directory / "state.json").is_file() or not (directory / "config.yaml").is_file():
+        return [("run.init_from", path, "must be a raytrain checkpoint directory (with state.json and config.yaml), "
+                                        "e.g. RUN_DIR/checkpoint_<time>")]
+    theirs = (yaml.safe_load((directory / "config.yaml").read_text()) or {}).get("model", {})
+    return [("run.init_from", path, f"was made by another model (model.{key} = {theirs.get(key)!r} there); "
+                                    f"it can only continue a run of the same model")
+            for key, value in model.model_dump(mode="json").items() if theirs.get(key) != value][:1]
 
 
 def resource_problems(scaling) -> list[Problem]:

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from raytrain.cli import main
-from raytrain.config import reference
+from raytrain.config import Config, reference
 from raytrain.lengths import SCHEDULES
 from raytrain.loading import load_config
 from raytrain.section import ConfigError
@@ -100,16 +100,29 @@ def files(tmp_path_factory, tokenizer):
                              "search": {"train.lr": {"loguniform": [0.01, 0.001]}}},
         "tune-base.yaml": {"name": "t", "base": {"overrides": {**tune_base, "lengths.min": 999}},
                            "search": {"train.lr": {"uniform": [0.001, 0.01]}}},
+        "tune-pbt.yaml": {"name": "t", "base": {"overrides": tune_base}, "scheduler": {"type": "pbt"},
+                          "search": {"train.tokens_per_step": {"choice": [4096, 8192]},
+                                     "lengths.max": {"randint": [64, 256]}}},
     }
     for name, spec in specs.items():
         (root / name).write_text(yaml.safe_dump(spec))
     (root / "tune-bad.yaml").write_text("name: t\nsearch:\n  train.lr: {choice: [1, 2]\n")
+    other = Config().model_dump(mode="json")
+    other["model"]["hidden_size"] = 64
+    (root / "checkpoint-of-another-model").mkdir()
+    (root / "checkpoint-of-another-model" / "state.json").write_text("{}")
+    (root / "checkpoint-of-another-model" / "config.yaml").write_text(yaml.safe_dump(other))
     return root
 
 
 N = os.cpu_count() + 1
 # (arguments after `raytrain`, [(key, value, part of the fix)]): every listed problem must be reported.
 CASES = {
+    "a checkpoint to start from that is not one": (
+        ["run.init_from={root}/no-data"], [("run.init_from", "{root}/no-data", "raytrain checkpoint directory")]),
+    "a checkpoint of another model to start from": (
+        ["run.init_from={root}/checkpoint-of-another-model"],
+        [("run.init_from", "{root}/checkpoint-of-another-model", "model.hidden_size = 64 there")]),
     "unknown tracker": (["run.loggers=[nope]"],
                         [("run.loggers.0", "nope", "Input should be 'tensorboard', 'mlflow' or 'wandb'")]),
     # the classes issue 23 found past validation: non-finite numbers, resources a local run cannot have, budgets
@@ -246,6 +259,10 @@ TUNE_CASES = {
                                                               ("objective.metric", "val/loss@9", "not a reported")]),
     "tune: bad base": ("tune-base.yaml", [("base.lengths.min", 999, "must be <= lengths.max")]),
     "tune: YAML that does not parse": ("tune-bad.yaml", [("-c", "{root}/tune-bad.yaml", "not valid YAML: line")]),
+    "tune: what pbt cannot change mid-run": ("tune-pbt.yaml", [
+        ("search.train.tokens_per_step", {"choice": [4096, 8192]}, "only length keys and train.lr"),
+        ("search.lengths.max", {"randint": [64, 256]}, "moves a length key along a list"),
+        ("objective.metric", "val/loss@max", "use val/loss@L for one L")]),
 }
 
 
