@@ -138,6 +138,30 @@ def test_population_based_search_exploits_exactly_and_replays_a_lineage(ray_sess
     assert "lineage of the best" in out
 
 
+def test_a_replay_config_is_the_runs_lengths_as_stages_and_its_lr_per_stretch(tmp_path):
+    """replay_config from a run directory's files alone: the steps' lengths as staged runs of equal lengths, which
+    the step plan turns back into the same lengths and budgets; the lineage's lr per stretch as lr changes."""
+    from raytrain.population import replay_config
+    from raytrain.steps import Planner
+    run = tmp_path / "trial-00001.2"
+    run.mkdir()
+    cfg = load_config(None, ["train.max_steps=6", "lengths.min=32", "lengths.max=256", "run.name=trial-00001.2",
+                             "run.init_from=/elsewhere/checkpoint_1"], environment=False)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    steps = [[64, 8192], [64, 8192], [192, 8192], [32, 8192], [32, 8192], [96, 8192]]
+    (run / "steps.json").write_text(json.dumps(steps))
+    (run / "lineage.json").write_text(json.dumps([
+        {"from_step": 0, "run": "trial-00000", "lr": 2e-3, "changed": {}},
+        {"from_step": 4, "run": "trial-00001.2", "lr": 1.6e-3, "changed": {"train.lr": [2e-3, 1.6e-3]}}]))
+    replay = replay_config(run, "replay", str(tmp_path))
+    assert replay.lengths.schedule == "staged" and replay.lengths.stages == [(2, 64), (3, 192), (5, 32), (6, 96)]
+    assert (replay.lengths.min, replay.lengths.max, replay.lengths.multiple_of) == (32, 192, 32)
+    assert replay.train.lr == 2e-3 and replay.train.lr_changes == [(4, 1.6e-3)]
+    assert replay.run.init_from is None and replay.run.name == "replay"
+    plan = Planner(replay.lengths, replay.train, "random", 0, 10**6, world=2)
+    assert [[plan(i).length, plan(i).budget] for i in range(6)] == steps
+
+
 def assert_same_losses(ours: Path, theirs: Path, tolerance: float) -> None:
     """Every loss of two runs' records equal: each metrics record's loss and lr, each evaluation's losses."""
     for name, keys in (("metrics.jsonl", ("step", "tokens", "loss", "lr", "seq_len", "rows")),
