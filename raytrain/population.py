@@ -24,11 +24,13 @@ import threading
 from functools import reduce
 from pathlib import Path
 
+import yaml
+
 from raytrain.checkpoint import STEPS
 from raytrain.config import Config
 from raytrain.launch import fit, run_directory
 from raytrain.loading import load_config
-from raytrain.runlog import LINEAGE
+from raytrain.runlog import read_lineage
 from raytrain.section import ConfigError
 from raytrain.tune_spec import as_tune_point, tune_domain
 
@@ -115,11 +117,7 @@ def next_life(runs_dir: Path, trial: str) -> str:
 
 def lineage(run_dir: Path) -> list[dict]:
     """[{from_step, run, lr, changed}, ...] of a finished run: where each stretch of its steps was trained."""
-    path = run_dir / LINEAGE
-    if path.is_file():
-        return json.loads(path.read_text())
-    cfg = load_config(str(run_dir / "config.yaml"), environment=False)
-    return [{"from_step": 0, "run": run_dir.name, "lr": cfg.train.lr, "changed": {}}]
+    return read_lineage(run_dir, yaml_config(run_dir)["train"]["lr"])
 
 
 def describe(segments: list[dict]) -> list[str]:
@@ -145,7 +143,7 @@ def replay_config(run_dir: Path, name: str, runs_dir: str = "runs") -> Config:
         else:
             stages.append([i + 1, length])
     segments = lineage(run_dir)
-    raw = yaml_of(run_dir)
+    raw = yaml_config(run_dir)
     raw["lengths"] = {"schedule": "staged", "min": min(lengths), "max": max(lengths),
                       "multiple_of": reduce(math.gcd, lengths), "stages": stages}
     raw["train"].update(lr=segments[0]["lr"], lr_changes=[[s["from_step"], s["lr"]] for s in segments[1:]])
@@ -159,6 +157,5 @@ def replay_config(run_dir: Path, name: str, runs_dir: str = "runs") -> Config:
             raise RuntimeError(f"the replay of {run_dir} is not a valid config: {err}") from None
 
 
-def yaml_of(run_dir: Path) -> dict:
-    import yaml
+def yaml_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())

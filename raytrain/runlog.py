@@ -47,6 +47,14 @@ def rewrite(path: Path, records: list[dict]) -> None:
     os.replace(scratch, path)
 
 
+def read_lineage(run_dir: Path, lr: float) -> list[dict]:
+    """A run's ``lineage.json``; a run that never started from another's checkpoint is one stretch at ``lr``."""
+    path = run_dir / LINEAGE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return [{"from_step": 0, "run": run_dir.name, "lr": lr, "changed": {}}]
+
+
 class RunLog:
     """Rank 0's records in the run directory, its log lines and its trackers."""
 
@@ -107,10 +115,7 @@ class RunLog:
         for name in RECORDS:
             records = read_records(donor_dir / name)[0] if (donor_dir / name).is_file() else []
             rewrite(self.run_dir / name, [r for r in records if r["step"] <= step])
-        before = donor_dir / LINEAGE
-        earlier = json.loads(before.read_text()) if before.is_file() else \
-            [{"from_step": 0, "run": donor_dir.name, "lr": lineage["donor_lr"], "changed": {}}]
-        segments = [seg for seg in earlier if seg["from_step"] < step] + [
+        segments = [seg for seg in read_lineage(donor_dir, lineage["donor_lr"]) if seg["from_step"] < step] + [
             {"from_step": step, "run": self.run_dir.name, "lr": lineage["lr"], "changed": lineage["changed"]}]
         self.record(LINEAGE, segments)
         if self.trackers:
