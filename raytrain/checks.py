@@ -91,8 +91,10 @@ def environment_problems(s: dict) -> list[Problem]:
     if model.pretrained is not None:
         pretrained = pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
         problems += pretrained
-        if not data.cross_documents and not any(key == "model.pretrained" for key, _, _ in pretrained):
-            problems += document_attention_problems(model.pretrained)
+        apart = [("data.cross_documents", False, "set data.cross_documents: true")] if not data.cross_documents \
+            else [("eval.documents", "apart", "set eval.documents: crossed")] if s["eval"].documents == "apart" else []
+        if apart and not any(key == "model.pretrained" for key, _, _ in pretrained):
+            problems += document_attention_problems(model.pretrained, *apart[0])
     if run.init_from is not None and "://" not in run.init_from:
         problems += init_from_problems(run.init_from, model)
     for name in missing_trackers(run.loggers):
@@ -175,7 +177,7 @@ def pretrained_problems(directory: str, lengths: Lengths, ev: EvalConfig, tokeni
     return problems
 
 
-def document_attention_problems(directory: str) -> list[Problem]:
+def document_attention_problems(directory: str, key: str, value, fix: str) -> list[Problem]:
     """Documents are kept apart by raytrain's attention function, which a model runs only if it routes attention
     through transformers' AttentionInterface (Bloom, Falcon, GPT-Neo, MPT do not), and which computes a sliding
     window but neither soft-capping (Gemma-2) nor attention sinks (gpt-oss)."""
@@ -189,15 +191,15 @@ def document_attention_problems(directory: str) -> list[Problem]:
     except (OSError, ValueError, KeyError) as err:
         return [("model.pretrained", directory, f"is not a causal language model transformers knows: {err}")]
     if not architecture._can_set_attn_implementation():
-        return [("data.cross_documents", False, f"{architecture.__name__} (model.pretrained) does not route "
-                 "attention through transformers' AttentionInterface, so documents cannot be kept apart in it; set "
-                 "data.cross_documents: true, or use a model that does (Llama, Mistral, Qwen2, GPT-2, ...)")]
+        return [(key, value, f"{architecture.__name__} (model.pretrained) does not route attention through "
+                 f"transformers' AttentionInterface, so documents cannot be kept apart in it; {fix}, or "
+                 "use a model that does (Llama, Mistral, Qwen2, GPT-2, ...)")]
     with torch.device("meta"):  # no memory, no weights read: only which modules the architecture has
         modules = list(AutoModelForCausalLM.from_config(config).modules())
     used = {"softcap": getattr(config, "attn_logit_softcapping", None) is not None,
             "s_aux": any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in modules)}
-    return [("data.cross_documents", False, f"{architecture.__name__} (model.pretrained) uses {UNSUPPORTED[name]} "
-             f"({name}), which raytrain's document attention does not compute; set data.cross_documents: true")
+    return [(key, value, f"{architecture.__name__} (model.pretrained) uses {UNSUPPORTED[name]} ({name}), which "
+             f"raytrain's document attention does not compute; {fix}")
             for name, uses in used.items() if uses]
 
 

@@ -98,14 +98,15 @@ def evaluate_model(model_dir: Path, cfg) -> dict:
 
     from raytrain.data import check_corpus, open_corpus
     from raytrain.evaluate import evaluate as evaluate_module
-    from raytrain.loss import CausalLMLoss
+    from raytrain.loss import CausalLMLoss, document_eots
     from raytrain.prepare import prepare as prepare_corpus
     from raytrain.steps import rows_per_micro
     # stdout carries the results' JSON alone; the preparation's line goes to stderr
     corpus = open_corpus(prepare_corpus(cfg.data, cfg.tokenizer, say=lambda line: print(line, file=sys.stderr)))
     check_corpus(corpus, 0, cfg.eval.lengths)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    module = CausalLMLoss(lm, None if cfg.data.cross_documents else corpus.index["eot"])
+    _, eot = document_eots(cfg.data.cross_documents, cfg.eval.documents, corpus.index["eot"])
+    module = CausalLMLoss(lm, eot)  # transformers' own attention keeps documents apart by the restarted positions
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         return evaluate_module(module, corpus.val, cfg.eval.lengths, cfg.eval.tokens, lambda length: rows_per_micro(
             cfg.train.tokens_per_step, cfg.train.micro_batch_tokens, length, 1))

@@ -105,6 +105,9 @@ class EvalConfig(Section):
     """Steps between evaluations (also at step 0 and at the end)."""
     tokens: int = Field(32768, ge=1)
     """Validation target tokens per length (the same leading stretch of the split for every length)."""
+    documents: Literal["as_trained", "apart", "crossed"] = "as_trained"
+    """Validation windows' documents: as data.cross_documents trains, kept apart, or crossed (compare runs
+    trained both ways on one footing)."""
 
 
 class DeepSpeedConfig(Section):

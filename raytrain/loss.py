@@ -67,14 +67,24 @@ def window_logits(model, windows: torch.Tensor, eot: int | None = None):
     return model(**kwargs).logits, targets
 
 
+def document_eots(cross_documents: bool, eval_documents: str, eot: int) -> tuple[int | None, int | None]:
+    """The end-of-text id that keeps documents apart (None: crossed) in training and in evaluation, from
+    ``data.cross_documents`` and ``eval.documents``."""
+    train_eot = None if cross_documents else eot
+    if eval_documents == "as_trained":
+        return train_eot, train_eot
+    return train_eot, eot if eval_documents == "apart" else None
+
+
 class CausalLMLoss(torch.nn.Module):
     """A causal LM and its summed shifted cross-entropy: ``forward(windows)`` -> the loss sum (fp32), or with
     ``per_position`` a (2, L) float64 tensor of loss sums and target counts per position (evaluation).
 
-    ``eot``: documents are kept apart. ``chunk_tokens``: the output head and the
-    loss run that many positions at a time and each chunk's logits are
-    recomputed in the backward, so at most one chunk's logits (and their fp32
-    copy) exist instead of B x L x vocab.
+    ``eot``: documents are kept apart; ``eval_eot`` (default: as ``eot``) likewise in
+    evaluation. ``chunk_tokens``: the output head and the loss run that many
+    positions at a time and each chunk's logits are recomputed in the backward,
+    so at most one chunk's logits (and their fp32 copy) exist instead of
+    B x L x vocab.
 
     Every rank must make the same collective calls, and at ZeRO-3 each call of a
     module gathers its parameters. So an empty batch (a rank with fewer rows than
@@ -83,9 +93,11 @@ class CausalLMLoss(torch.nn.Module):
     the step holds), the chunks past a rank's own positions empty.
     """
 
-    def __init__(self, lm, eot: int | None = None, chunk_tokens: int | None = None, compiled: bool = False):
+    def __init__(self, lm, eot: int | None = None, chunk_tokens: int | None = None, compiled: bool = False,
+                 eval_eot: int | None | str = "as eot"):
         super().__init__()
         self.lm, self.eot, self.chunk_tokens = lm, eot, chunk_tokens
+        self.eval_eot = eot if eval_eot == "as eot" else eval_eot
         # compiled, inductor fuses the cast and cross-entropy into one pass: no fp32 copy or log-softmax of the
         # logits is kept. The head's matmul stays outside the graph (inductor would call the same GEMM), and with
         # it DeepSpeed's hooks on the head, which at ZeRO-3 gather its weight and would otherwise be traced.
@@ -95,7 +107,7 @@ class CausalLMLoss(torch.nn.Module):
         if windows.shape[0] == 0:
             one_row = torch.zeros((1, windows.shape[1]), dtype=windows.dtype, device=windows.device)
             return self.forward(one_row, per_position, rows) * 0.0
-        kwargs, targets = model_inputs(windows, self.eot)
+        kwargs, targets = model_inputs(windows, self.eval_eot if per_position else self.eot)
         if per_position:
             losses = F.cross_entropy(self.lm(**kwargs).logits.float().transpose(1, 2), targets,
                                      ignore_index=IGNORE_INDEX, reduction="none")

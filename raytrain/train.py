@@ -17,7 +17,7 @@ from raytrain.devices import peak_flops
 from raytrain.engine import Buckets, deepspeed_config, discard_gradients, init_engine, lr_schedule, set_lr
 from raytrain.evaluate import Evaluator
 from raytrain.export import export_hf
-from raytrain.loss import CausalLMLoss
+from raytrain.loss import CausalLMLoss, document_eots
 from raytrain.meter import MemoryGauge, Meter, Startup
 from raytrain.model import build_model, model_shape
 from raytrain.ops import build_comm_op
@@ -177,10 +177,11 @@ def build_engine(cfg: Config, vocab_size: int, eot: int, world: int):
     """The DeepSpeed engine training the run's language model and its loss (``CausalLMLoss``), its blocks and
     head compiled when train.compile says so."""
     lm = build_model(cfg.model, vocab_size, eot)
-    if not cfg.data.cross_documents:
-        use_document_attention(lm)  # documents kept apart without an L x L mask
+    train_eot, eval_eot = document_eots(cfg.data.cross_documents, cfg.eval.documents, eot)
+    if train_eot is not None or eval_eot is not None:
+        use_document_attention(lm)  # documents kept apart without an L x L mask (crossed windows: SDPA)
     compiling = compiled.enabled(cfg.train.compile, cfg.scaling.use_gpu)
-    module = CausalLMLoss(lm, None if cfg.data.cross_documents else eot, cfg.train.loss_chunk_tokens, compiling)
+    module = CausalLMLoss(lm, train_eot, cfg.train.loss_chunk_tokens, compiling, eval_eot)
     ds = deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module))
     if compiling and ds["zero_optimization"]["stage"] == 3:
         compiled.mark_zero3_leaves(module, lm)

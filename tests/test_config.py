@@ -204,6 +204,10 @@ CASES = {
         [("data.cross_documents", False, "BloomForCausalLM (model.pretrained) does not route attention through "
                                          "transformers' AttentionInterface, so documents cannot be kept apart in "
                                          "it; set data.cross_documents: true")]),
+    "validation documents apart in a model without the attention interface": (
+        ["model.pretrained={root}/bloom", "eval.documents=apart"],
+        [("eval.documents", "apart", "BloomForCausalLM (model.pretrained) does not route attention through "
+                                     "transformers' AttentionInterface")]),
     "documents apart with soft-capped attention": (
         ["model.pretrained={root}/gemma2", "data.cross_documents=false"],
         [("data.cross_documents", False, "Gemma2ForCausalLM (model.pretrained) uses attention-logit soft-capping "

@@ -324,3 +324,27 @@ def test_chunked_loss_equals_the_whole_logits_loss_with_the_same_gradients(eot, 
     assert chunked == pytest.approx(whole, rel=tolerance)
     for a, b in zip(g_whole, g_chunked):
         assert (a - b).abs().max() <= tolerance * a.abs().max()
+
+
+@pytest.mark.parametrize("cross_documents", [True, False])
+def test_eval_documents_sets_the_validation_windows_alone(cross_documents):
+    """``eval.documents``: training's loss stays as data.cross_documents says; validation keeps documents apart
+    or crosses them as asked, equal to a module built that way (1e-12), and the two footings differ."""
+    from raytrain.data import TokenStream
+    from raytrain.evaluate import evaluate
+    from raytrain.loss import document_eots
+    stream = TokenStream([np.random.RandomState(2).choice([97, 98, 256], size=3000, p=[0.45, 0.45, 0.1])])
+    model = _model(2)
+    windows = torch.from_numpy(stream.windows(np.array([0, 500]), 64))
+    train_eot, _ = document_eots(cross_documents, "as_trained", 256)
+    assert document_eots(cross_documents, "as_trained", 256) == (train_eot, train_eot)
+    scores = {}
+    for documents, eot in (("apart", 256), ("crossed", None)):
+        ours = CausalLMLoss(model, *document_eots(cross_documents, documents, 256)[:1],
+                            eval_eot=document_eots(cross_documents, documents, 256)[1])
+        with torch.no_grad():
+            assert ours(windows).item() == pytest.approx(CausalLMLoss(model, train_eot)(windows).item(), rel=1e-12)
+        scores[documents] = evaluate(ours, stream, [64], 640, lambda length: 4)["val/loss@64"]
+        alone = evaluate(CausalLMLoss(model, eot), stream, [64], 640, lambda length: 4)["val/loss@64"]
+        assert scores[documents] == pytest.approx(alone, rel=1e-12)
+    assert abs(scores["apart"] - scores["crossed"]) > 1e-4  # an untrained model: 5e-4 apart
