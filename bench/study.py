@@ -1,15 +1,21 @@
-"""Which length schedule wins, honestly: each at its own tuned learning rate, three seeds, loss by position.
+"""Which length schedule wins, honestly: each arm at its own tuned settings, several seeds, loss by position.
 
-For each of fixed, uniform, linear, staged and pow2 (tune_configs/study/NAME.yaml):
-  1. ``raytrain tune``: a grid over train.lr and the schedule's own main setting, equal tokens, ASHA on tokens;
-  2. the best config trained again at seeds 1, 2 and 3 (``raytrain tune`` over run.seed, FIFO);
-  3. per schedule: final val/loss at 64, 256 and 1024 (mean and spread over seeds), tokens/s, and the training
-     time and tokens it needs to reach the tuned fixed baseline's final val/loss@1024 (its seed mean),
-     interpolated between evaluations, as a fraction of the baseline's own training time and tokens.
-Everything runs through one Ray instance on this machine, two 1-worker runs at a time. Prints a Markdown
-table and writes study.md, curves.png and positions.png into --out (and the PNGs into docs/ with --docs).
+The study (default): fixed, uniform, linear, staged and pow2 at lengths 64-1024, documents crossed
+(tune_configs/study/NAME.yaml). The long study (--long): lengths up to 4096 with documents kept apart
+(tune_configs/study-long/NAME.yaml), arms fixed (the baseline), crossed (the baseline's tuned config with
+documents crossed: concatenate and chunk), batch (a batch-size warmup at 4096), the four schedules, and pbt
+(a population-based search whose replayed schedule is the arm). For every arm:
+  1. ``raytrain tune``: a grid over train.lr and the arm's own main setting, equal tokens, ASHA on tokens
+     (pbt: Ray Tune's PBT; crossed: no search of its own);
+  2. the best config trained again at every seed (``raytrain tune`` over run.seed, FIFO);
+  3. final validation losses (mean and spread over seeds), tokens/s, and the training time, model FLOPs
+     and tokens each run needs to reach the baseline's final val/loss at the longest length (its seed
+     mean), interpolated between evaluations, as fractions of the baseline's own.
+Everything runs through one Ray instance on this machine, two 1-worker runs at a time; an interrupted study
+resumes where each search stopped. Prints a Markdown table and writes study.md, curves.png and positions.png
+into --out (and the PNGs into docs/ with --docs).
 
-    python bench/study.py [--out runs/study] [--docs]
+    python bench/study.py [--long] [--out DIR] [--docs]
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -28,49 +35,92 @@ sys.path.insert(0, str(ROOT))
 from raytrain.evaluate import position_losses  # noqa: E402
 from raytrain.report import read_jsonl  # noqa: E402
 
-SCHEDULES = ["fixed", "uniform", "linear", "staged", "pow2"]
-SEEDS = [1, 2, 3]
-LONGEST = 1024
-KEY = f"val/loss@{LONGEST}"
+
+@dataclass(frozen=True)
+class Study:
+    prefix: str  # searches are <out>/<prefix><arm>, seed runs <out>/<prefix><arm>-seeds
+    configs: Path
+    arms: list[str]
+    seeds: list[int]
+    lengths: tuple[int, ...]  # validation lengths in the table; the last is the target's
+    derived: dict[str, tuple[str, dict]] = field(default_factory=dict)  # arm: (arm whose best config, overrides)
+    baseline: str = "fixed"
+    goal: float = 0.6  # the best arm's time to target, as a fraction of the baseline's
+
+    @property
+    def key(self) -> str:
+        return f"val/loss@{self.lengths[-1]}"
 
 
-def run_study(out: Path) -> None:
-    """Steps 1 and 2 for every schedule (an interrupted study resumes where each search stopped)."""
+SHORT = Study("study-", ROOT / "tune_configs" / "study", ["fixed", "uniform", "linear", "staged", "pow2"],
+              [1, 2, 3], (64, 256, 1024))
+LONG = Study("long-", ROOT / "tune_configs" / "study-long",
+             ["fixed", "crossed", "batch", "uniform", "linear", "staged", "pow2", "pbt"], [1, 2, 3, 4], (512, 4096),
+             derived={"crossed": ("fixed", {"data.cross_documents": True})})
+
+
+def run_study(study: Study, out: Path) -> None:
+    """Steps 1 and 2 for every arm (each step skipped once its best_config.yaml exists)."""
     import yaml
 
     from raytrain.tune import tune_main
-    for schedule in SCHEDULES:
-        search = out / f"study-{schedule}"
+    for arm in study.arms:
+        source, overrides = study.derived.get(arm, (arm, {}))
+        search = out / f"{study.prefix}{source}"
         if not (search / "best_config.yaml").is_file():
-            tune_main(str(ROOT / "tune_configs" / "study" / f"{schedule}.yaml"), [f"dir={out}"],
-                      resume=(search / "tuner.pkl").is_file())
-        seeds = out / f"study-{schedule}-seeds"
+            tune_main(str(study.configs / f"{source}.yaml"), [f"dir={out}"], resume=(search / "tuner.pkl").is_file())
+        seeds = out / f"{study.prefix}{arm}-seeds"
         if not (seeds / "best_config.yaml").is_file():
-            spec = {"name": seeds.name, "dir": str(out), "base": {"config": str(search / "best_config.yaml")},
-                    "search": {"run.seed": {"grid": SEEDS}}, "objective": {"metric": KEY, "mode": "min"},
+            spec = {"name": seeds.name, "dir": str(out),
+                    "base": {"config": str(search / "best_config.yaml"), "overrides": overrides},
+                    "search": {"run.seed": {"grid": study.seeds}}, "objective": {"metric": study.key, "mode": "min"},
                     "scheduler": {"type": "fifo"}}
             path = out / f"{seeds.name}.yaml"
             path.write_text(yaml.safe_dump(spec))
             tune_main(str(path), [], resume=(seeds / "tuner.pkl").is_file())
 
 
-def seed_runs(out: Path, schedule: str) -> list[Path]:
-    return sorted((out / f"study-{schedule}-seeds" / "trials").iterdir())
+@dataclass
+class Run:
+    """One seed run's records, and its training time, tokens and model FLOPs at each logged step."""
+    evals: list[dict]
+    metrics: list[dict]
+    seconds: dict[int, float]
+    tokens: dict[int, float]
+    flops: dict[int, float]
+
+    @classmethod
+    def read(cls, run: Path) -> Run:
+        evals, metrics = read_jsonl(run / "eval.jsonl"), read_jsonl(run / "metrics.jsonl")
+        return cls(evals, metrics, {0: 0.0, **{m["step"]: m["elapsed_s"] for m in metrics}},
+                   {0: 0, **{e["step"]: e["tokens"] for e in evals}}, cumulative_flops(run))
+
+    def reach(self, key: str, target: float):
+        """(seconds, FLOPs, tokens) at which ``key`` first reaches ``target``, interpolated between evaluations
+        (training time excludes evaluation and checkpoints); None if it never does."""
+        for before, after in zip(self.evals, self.evals[1:]):
+            if after[key] <= target:
+                f = (before[key] - target) / (before[key] - after[key]) if before[key] > target else 0.0
+                a, b = before["step"], after["step"]
+                return tuple(x[a] + f * (x[b] - x[a]) for x in (self.seconds, self.flops, self.tokens))
+        return None
 
 
-def training_seconds(metrics: list[dict]) -> dict[int, float]:
-    """Training time (evaluation and checkpoints excluded) at each logged step."""
-    return {0: 0.0, **{m["step"]: m["elapsed_s"] for m in metrics}}
+def cumulative_flops(run: Path) -> dict[int, float]:
+    """Model FLOPs trained up to each step, from the length and budget of every step (steps.json) and the
+    model's shape (raytrain's PaLM convention: attention over the whole L x L square, even with documents apart)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-
-def reach(evals: list[dict], seconds: dict[int, float], target: float):
-    """(seconds, tokens) at which val/loss@LONGEST first reaches ``target``, interpolated; None if never."""
-    for before, after in zip(evals, evals[1:]):
-        if after[KEY] <= target:
-            f = (before[KEY] - target) / (before[KEY] - after[KEY]) if before[KEY] > target else 0.0
-            s0, s1 = seconds[before["step"]], seconds[after["step"]]
-            return s0 + f * (s1 - s0), before["tokens"] + f * (after["tokens"] - before["tokens"])
-    return None
+    from raytrain.model import model_shape
+    from raytrain.steps import rows_of
+    with torch.device("meta"):
+        shape = model_shape(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run / "model")))
+    total, flops = 0.0, {0: 0.0}
+    for step, (length, budget) in enumerate(json.loads((run / "steps.json").read_text()), start=1):
+        total += rows_of(budget, length) * length * shape.flops_per_token(length)
+        flops[step] = total
+    return flops
 
 
 def mean_sd(values: list[float], fmt: str) -> str:
@@ -80,53 +130,83 @@ def mean_sd(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
 
 
-def analyse(out: Path) -> tuple[str, dict]:
-    runs = {s: [(read_jsonl(r / "eval.jsonl"), read_jsonl(r / "metrics.jsonl"), r) for r in seed_runs(out, s)]
-            for s in SCHEDULES}
-    baseline = runs["fixed"]
-    target = statistics.mean(e[-1][KEY] for e, _, _ in baseline)
-    base_seconds = statistics.mean(m[-1]["elapsed_s"] for _, m, _ in baseline)
-    base_tokens = statistics.mean(m[-1]["tokens"] for _, m, _ in baseline)
-    lines = [f"Target: the tuned `fixed` baseline's final {KEY}, mean of seeds {SEEDS}: {target:.4f} "
-             f"(its training time {base_seconds:.0f} s, {base_tokens:,.0f} tokens).", "",
-             "| schedule | tuned setting | tokens/s | val/loss@64 | val/loss@256 | val/loss@1024 | "
-             "seeds reaching target | time to target (x fixed) | tokens to target (x fixed) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def tuned_setting(study: Study, out: Path, arm: str) -> str:
+    """The values the arm's search chose (its searched keys read from its best config)."""
+    import yaml
+    source, overrides = study.derived.get(arm, (arm, {}))
+    cfg = yaml.safe_load((out / f"{study.prefix}{arm}-seeds" / "best_config.yaml").read_text())
+    spec = yaml.safe_load((study.configs / f"{source}.yaml").read_text())
+    keys = ["train.lr", "lengths.stages", "train.lr_changes"] if spec["scheduler"]["type"] == "pbt" \
+        else list(spec["search"])
+    shown = []
+    for key in keys:
+        section, name = key.split(".")
+        value = cfg.get(section, {}).get(name)
+        if value not in (None, []):
+            shown.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
+    return ", ".join(shown + [f"{k} {v}" for k, v in overrides.items()]).replace("|", "/")
+
+
+def seed_runs(study: Study, out: Path, arm: str) -> list[Path]:
+    return sorted((out / f"{study.prefix}{arm}-seeds" / "trials").iterdir())
+
+
+def analyse(study: Study, out: Path) -> tuple[str, dict]:
+    runs = {arm: [Run.read(r) for r in seed_runs(study, out, arm)] for arm in study.arms}
+    key, base = study.key, runs[study.baseline]
+    target = statistics.mean(r.evals[-1][key] for r in base)
+    scale = [statistics.mean(getattr(r, x)[r.metrics[-1]["step"]] for r in base)
+             for x in ("seconds", "flops", "tokens")]
+    lines = [f"Target: the tuned `{study.baseline}` baseline's final {key}, mean of seeds {study.seeds}: "
+             f"{target:.4f} (its training time {scale[0]:.0f} s, {scale[1]:.3g} model FLOPs, "
+             f"{scale[2]:,.0f} tokens).", "",
+             "| arm | tuned setting | tokens/s | " + " | ".join(f"val/loss@{L}" for L in study.lengths) +
+             " | seeds reaching target | time to target (x baseline) | FLOPs to target (x) | tokens to target (x) |",
+             "|---|---|---:|" + "---:|" * len(study.lengths) + "---:|---:|---:|---:|"]
     summary = {"target": target}
-    for schedule, seeds in runs.items():
-        cfg = json.loads(json.dumps(__import__("yaml").safe_load(
-            (out / f"study-{schedule}" / "best_config.yaml").read_text())))
-        setting = f"lr {cfg['train']['lr']:g}" + {
-            "uniform": f", warmup {cfg['lengths'].get('warmup_steps')}",
-            "linear": f", warmup {cfg['lengths'].get('warmup_steps')}",
-            "staged": f", stages {cfg['lengths'].get('stages')}",
-            "pow2": f", cycles {cfg['lengths'].get('cycles')}"}.get(schedule, "")
-        reached = [reach(e, training_seconds(m), target) for e, m, _ in seeds]
-        times = [r[0] / base_seconds for r in reached if r]
-        tokens = [r[1] / base_tokens for r in reached if r]
-        speed = [statistics.mean(x["tokens_per_s"] for x in m) for _, m, _ in seeds]
-        finals = {L: [e[-1][f"val/loss@{L}"] for e, _, _ in seeds] for L in (64, 256, LONGEST)}
-        lines.append(f"| {schedule} | {setting} | {mean_sd(speed, ',.0f')} | {mean_sd(finals[64], '.3f')} | "
-                     f"{mean_sd(finals[256], '.3f')} | {mean_sd(finals[LONGEST], '.3f')} | "
-                     f"{len(times)}/{len(seeds)} | {mean_sd(times, '.2f')} | {mean_sd(tokens, '.2f')} |")
-        summary[schedule] = {"setting": setting, "final": {L: statistics.mean(v) for L, v in finals.items()},
-                             "time_to_target": times, "tokens_to_target": tokens}
-    return "\n".join(lines), runs
+    for arm, seeds in runs.items():
+        reached = [r.reach(key, target) for r in seeds]
+        fractions = [[x[i] / scale[i] for x in reached if x] for i in range(3)]
+        speed = [statistics.mean(m["tokens_per_s"] for m in r.metrics) for r in seeds]
+        finals = {L: [r.evals[-1][f"val/loss@{L}"] for r in seeds] for L in study.lengths}
+        lines.append(f"| {arm} | {tuned_setting(study, out, arm)} | {mean_sd(speed, ',.0f')} | " +
+                     " | ".join(mean_sd(finals[L], ".3f") for L in study.lengths) +
+                     f" | {len(fractions[0])}/{len(seeds)} | " +
+                     " | ".join(mean_sd(f, ".2f") for f in fractions) + " |")
+        summary[arm] = {"final": {L: statistics.mean(v) for L, v in finals.items()}, "time_to_target": fractions[0],
+                        "flops_to_target": fractions[1], "tokens_to_target": fractions[2]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return "\n".join(lines + ["", verdict(study, summary)]), runs
 
 
-def plot(runs: dict, out: Path) -> list[Path]:
+def verdict(study: Study, summary: dict) -> str:
+    """The winner in plain words: the arm with the lowest mean time to target among those every seed of which
+    reaches it, against the goal."""
+    full = {arm: statistics.mean(s["time_to_target"]) for arm, s in summary.items()
+            if arm not in ("target", study.baseline) and len(s["time_to_target"]) == len(study.seeds)}
+    if not full:
+        return (f"No arm reaches the baseline's {study.key} at every seed: no winner; the goal "
+                f"({study.goal}x the baseline's time) is not met.")
+    arm = min(full, key=full.get)
+    met = "meets" if full[arm] <= study.goal else "does not meet"
+    return (f"Winner: `{arm}`, at every seed, in {full[arm]:.2f}x the baseline's training time on average; "
+            f"it {met} the goal of {study.goal}x.")
+
+
+def plot(study: Study, runs: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = dict(zip(SCHEDULES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    key, longest = study.key, study.lengths[-1]
+    colors = dict(zip(study.arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for schedule, seeds in runs.items():
-        for i, (evals, metrics, _) in enumerate(seeds):
-            seconds = training_seconds(metrics)
-            ax.plot([seconds[e["step"]] for e in evals[1:]], [e[KEY] for e in evals[1:]], color=colors[schedule],
-                    alpha=0.8, label=schedule if i == 0 else None)
-    ax.set(xlabel="training time (s; evaluation excluded)", ylabel=KEY, ylim=(None, 3.2),
-           title=f"{KEY} against training time, seeds {SEEDS}, each schedule at its tuned setting")
+    for arm, seeds in runs.items():
+        for i, run in enumerate(seeds):
+            ax.plot([run.seconds[e["step"]] for e in run.evals[1:]], [e[key] for e in run.evals[1:]],
+                    color=colors[arm], alpha=0.8, label=arm if i == 0 else None)
+    finals = [e[key] for seeds in runs.values() for r in seeds for e in r.evals[-1:]]
+    ax.set(xlabel="training time (s; evaluation excluded)", ylabel=key, ylim=(None, max(finals) + 0.6),
+           title=f"{key} against training time, seeds {study.seeds}, each arm at its tuned setting")
     ax.legend()
     fig.tight_layout()
     curves = out / "curves.png"
@@ -134,13 +214,13 @@ def plot(runs: dict, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for schedule, seeds in runs.items():
-        buckets = [position_losses(evals[-1], LONGEST) for evals, _, _ in seeds]
+    for arm, seeds in runs.items():
+        buckets = [position_losses(r.evals[-1], longest) for r in seeds]
         x = [(a + b) / 2 + 1 for a, b, _ in buckets[0]]
         y = [statistics.mean(b[i][2] for b in buckets) for i in range(len(x))]
-        ax.plot(x, y, "o-", markersize=3, color=colors[schedule], label=schedule)
-    ax.set(xscale="log", xlabel="token position in the 1024-token window (bucket middle, 1-based)",
-           ylabel="validation loss", title=f"final loss by position at {LONGEST}, mean of seeds {SEEDS}")
+        ax.plot(x, y, "o-", markersize=3, color=colors[arm], label=arm)
+    ax.set(xscale="log", xlabel=f"token position in the {longest}-token window (bucket middle, 1-based)",
+           ylabel="validation loss", title=f"final loss by position at {longest}, mean of seeds {study.seeds}")
     ax.legend()
     fig.tight_layout()
     positions = out / "positions.png"
@@ -151,19 +231,21 @@ def plot(runs: dict, out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/study", help="where searches, runs and results go")
+    parser.add_argument("--long", action="store_true", help="the long-context study (lengths to 4096)")
+    parser.add_argument("--out", help="where searches, runs and results go (runs/study or runs/study-long)")
     parser.add_argument("--docs", action="store_true", help="also copy the plots into docs/ (for the README)")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
+    study = LONG if args.long else SHORT
+    out = Path(args.out or ("runs/study-long" if args.long else "runs/study")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    run_study(out)
-    table, runs = analyse(out)
-    written = plot(runs, out)
+    run_study(study, out)
+    table, runs = analyse(study, out)
+    written = plot(study, runs, out)
     if args.docs:
         import shutil
         for path in written:
-            shutil.copy(path, ROOT / "docs" / f"study-{path.name}")
+            shutil.copy(path, ROOT / "docs" / f"{study.prefix}{path.name}")
     text = f"{table}\n\nStudy wall time (this invocation): {(time.perf_counter() - start) / 60:.1f} min\n"
     (out / "study.md").write_text(text)
     print(text)

@@ -13,7 +13,7 @@ import yaml
 
 from raytrain.loading import load_config
 from raytrain.section import ConfigError
-from raytrain.tune_spec import base_path_of, candidates, load_spec
+from raytrain.tune_spec import base_config, base_path_of, candidates, load_spec
 from tests.helpers import TINY_BASE, read_jsonl, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,3 +263,24 @@ def test_every_schedule_study_config_validates(path):
     base = load_config(str(base_path_of(spec, str(path))), [f"lengths.schedule={schedule}"] +
                        (["lengths.stages=[[30,256]]"] if schedule == "staged" else []), environment=False)
     assert base.train.max_steps * base.train.tokens_per_step == 819_200  # equal tokens for every schedule
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs" / "study-long").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_long_study_config_validates_at_equal_tokens(path):
+    """bench/study.py --long: lengths to 4096, documents apart in training (the crossed arm aside) and always in
+    validation, and every arm's trials train the same 294,912 tokens (the batch warmup's short steps counted)."""
+    from raytrain.steps import batch_budget, rows_of
+    spec = load_spec(str(path)) if path.name != "base.yaml" else None
+    if spec is None:
+        cfg = load_config(str(path), environment=False)
+        assert (cfg.lengths.max, cfg.model.max_positions, cfg.eval.lengths[-1]) == (4096, 4096, 4096)
+        assert not cfg.data.cross_documents and cfg.eval.documents == "apart" and cfg.scaling.num_workers == 1
+        return
+    trials, notes = candidates(spec, base_path_of(spec, str(path)))
+    assert not notes and spec.objective.metric == "val/loss@4096" and spec.scheduler.time_attr == "tokens"
+    assert len(trials) == 4 and spec.scheduler.type in ("asha", "pbt")
+    base = base_config(spec, base_path_of(spec, str(path)), environment=False)
+    budget, seen = batch_budget(base.train), 0
+    for _ in range(base.train.max_steps):  # at 4096: the longest step, and the batch arm's only length
+        seen += rows_of(budget(seen), 4096) * 4096
+    assert seen == 294_912
