@@ -268,7 +268,7 @@ def test_every_schedule_study_config_validates(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "tune_configs" / "study-long").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_long_study_config_validates_at_equal_tokens(path):
     """bench/study.py --long: lengths to 4096, documents apart in training (the crossed arm aside) and always in
-    validation, and every arm's trials train the same 294,912 tokens (the batch warmup's short steps counted)."""
+    validation, and every arm's trials train the same 196,608 tokens (the batch warmup's short steps counted)."""
     from raytrain.steps import batch_budget, rows_of
     spec = load_spec(str(path)) if path.name != "base.yaml" else None
     if spec is None:
@@ -283,4 +283,4 @@ def test_every_long_study_config_validates_at_equal_tokens(path):
     budget, seen = batch_budget(base.train), 0
     for _ in range(base.train.max_steps):  # at 4096: the longest step, and the batch arm's only length
         seen += rows_of(budget(seen), 4096) * 4096
-    assert seen == 294_912
+    assert seen == 196_608
