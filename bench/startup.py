@@ -12,12 +12,17 @@ first evaluation, memory probe). Then `raytrain tune` runs two such trials one
 after the other (one Ray for both, as a search has): each trial's start-up, from
 the trial's function starting to its first step. Prints a Markdown table with
 the goal beside the totals, and each command's whole wall time (start-up,
-5 steps, export, shutdown).
+5 steps, export, shutdown). A second table splits the stage "Ray Train's
+workers" as Ray Train's controller logged it (its JSON log in the Ray session's
+``logs/train``): worker processes created, their train context set up, the
+train function shipped (which imports raytrain.train and so torch, DeepSpeed
+and transformers in each worker).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +33,23 @@ import yaml
 
 GOAL_S = 15.0
 SHORT = ["train.max_steps=5", "run.checkpoint_every=5", "eval.every=5"]
+RAY_TRAIN = {"worker actors created": "worker processes created",
+             "Train context initialized on workers": "train context set up",
+             "Train function launched on workers": "train function shipped (imports)",
+             "Worker group startup completed": "worker group in all"}
+STEP = re.compile(r"\[Worker Group Initialization\] (?:\d+ )?(.+?) in ([\d.]+)s")
+
+
+def ray_train_split() -> dict[str, dict[str, float]]:
+    """{run name: {stage: seconds}} from the controller logs of the newest Ray session on this machine."""
+    split = {}
+    for log in sorted((Path("/tmp/ray/session_latest").resolve() / "logs" / "train").glob("*sys-controller*")):
+        for line in log.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            found = STEP.match(record.get("message", ""))
+            if found and found[1] in RAY_TRAIN:
+                split.setdefault(record["run_name"], {})[RAY_TRAIN[found[1]]] = float(found[2])
+    return split
 
 
 def run(command: list[str]) -> float:
@@ -47,8 +69,9 @@ def tune_trials(root: Path, cache: str) -> list[tuple[dict, float]]:
             "scheduler": {"type": "fifo"}}
     (root / "startup.yaml").write_text(yaml.safe_dump(spec))
     wall = run(["raytrain", "tune", "-c", str(root / "startup.yaml")])
+    split = ray_train_split()
     trials = sorted((root / "startup" / "trials").iterdir())
-    return [(json.loads((t / "startup.json").read_text()), wall) for t in trials]
+    return [(json.loads((t / "startup.json").read_text()), wall, split.get(t.name, {})) for t in trials]
 
 
 def main() -> None:
@@ -63,14 +86,19 @@ def main() -> None:
         wall = run(["raytrain", "train", f"run.dir={root}", f"run.name=run{i}", f"data.cache_dir={cache}", *SHORT])
         kind = "cold" if i == 0 and not args.cache_dir else "warm"
         rows.append((f"`raytrain train` {i + 1} ({kind})", json.loads((root / f"run{i}" / "startup.json").read_text()),
-                     wall))
-    rows += [(f"Tune trial {i + 1} of 2", times, wall) for i, (times, wall) in enumerate(tune_trials(root, cache))]
+                     wall, ray_train_split().get(f"run{i}", {})))
+    rows += [(f"Tune trial {i + 1} of 2", *trial) for i, trial in enumerate(tune_trials(root, cache))]
     stages = [k for k in rows[0][1] if k != "total"]
     print("| run | " + " | ".join(stages) + " | to the first step | goal | whole command |")
     print("|---|" + "---|" * (len(stages) + 3))
-    for name, times, wall in rows:
+    for name, times, wall, _ in rows:
         print(f"| {name} | " + " | ".join(f"{times.get(s, 0.0):.1f}" for s in stages) +
               f" | **{times['total']:.1f} s** | < {GOAL_S:.0f} s | {wall:.1f} s |")
+    print("\nRay Train's workers, as its controller logged them (seconds):\n")
+    print("| run | " + " | ".join(RAY_TRAIN.values()) + " |")
+    print("|---|" + "---|" * len(RAY_TRAIN))
+    for name, _, _, split in rows:
+        print(f"| {name} | " + " | ".join(f"{split.get(s, float('nan')):.1f}" for s in RAY_TRAIN.values()) + " |")
 
 
 if __name__ == "__main__":
