@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -47,3 +48,33 @@ def test_gpu_check_says_in_one_line_that_there_is_no_gpu_and_exits_2():
     assert done.returncode == 2, done.stderr
     assert done.stdout.startswith("bench/gpu_check.py: no CUDA GPU visible to torch") and \
         len(done.stdout.strip().splitlines()) == 1
+
+
+def test_study_counts_flops_per_step_and_interpolates_the_time_flops_and_tokens_to_target(tmp_path):
+    """bench/study.py: a run's model FLOPs per step from steps.json and its model (counted here by hand from the
+    Llama's shapes), and the point where val/loss first reaches the target, interpolated between evaluations."""
+    import json
+
+    from transformers import LlamaConfig
+    study = bench("study")
+    h, inter, layers, vocab = 16, 48, 2, 257
+    LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=vocab).save_pretrained(tmp_path / "model")
+    steps = [[64, 256], [128, 256], [128, 300], [256, 256]]  # (L, budget): budget // L rows of L targets
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    weights = layers * (4 * h * h + 3 * h * inter) + h * vocab  # q, k, v, o; gate, up, down; the head
+    per_token = {L: 6 * weights + 12 * layers * h * L for L in (64, 128, 256)}  # 3 x (2 W + 4 layers h L)
+    expected, total = {0: 0.0}, 0.0
+    for i, (length, budget) in enumerate(steps, start=1):
+        total += (budget // length) * length * per_token[length]
+        expected[i] = total
+    flops = study.cumulative_flops(tmp_path)
+    assert flops == pytest.approx(expected, rel=1e-12) and flops[3] - flops[2] == 256 * per_token[128]
+
+    run = study.Run(evals=[{"step": 0, "tokens": 0, "k": 5.0}, {"step": 2, "tokens": 512, "k": 4.0},
+                           {"step": 4, "tokens": 1024, "k": 3.0}],
+                    metrics=[], seconds={0: 0.0, 2: 10.0, 4: 30.0}, tokens={0: 0, 2: 512, 4: 1024}, flops=flops)
+    seconds, at_flops, tokens = run.reach("k", 3.25)  # three quarters of the way from step 2 to step 4
+    assert (seconds, tokens) == pytest.approx((25.0, 896.0)) and at_flops == pytest.approx(
+        flops[2] + 0.75 * (flops[4] - flops[2]))
+    assert run.reach("k", 2.9) is None and run.reach("k", 6.0) == (0.0, 0.0, 0)
