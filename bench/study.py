@@ -144,7 +144,7 @@ def tuned_setting(study: Study, out: Path, arm: str) -> str:
         value = cfg.get(section, {}).get(name)
         if value not in (None, []):
             shown.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
-    return ", ".join(shown + [f"{k} {v}" for k, v in overrides.items()]).replace("|", "/")
+    return ", ".join(shown + [f"{k}: {json.dumps(v)}" for k, v in overrides.items()]).replace("|", "/")
 
 
 def seed_runs(study: Study, out: Path, arm: str) -> list[Path]:
@@ -161,18 +161,20 @@ def analyse(study: Study, out: Path) -> tuple[str, dict]:
              f"{target:.4f} (its training time {scale[0]:.0f} s, {scale[1]:.3g} model FLOPs, "
              f"{scale[2]:,.0f} tokens).", "",
              "| arm | tuned setting | tokens/s | " + " | ".join(f"val/loss@{L}" for L in study.lengths) +
-             " | seeds reaching target | time to target (x baseline) | FLOPs to target (x) | tokens to target (x) |",
-             "|---|---|---:|" + "---:|" * len(study.lengths) + "---:|---:|---:|---:|"]
+             f" | seeds reaching target | time to target (x baseline) | against the goal ({study.goal}x) | "
+             "FLOPs to target (x) | tokens to target (x) |",
+             "|---|---|---:|" + "---:|" * len(study.lengths) + "---:|---:|---:|---:|---:|"]
     summary = {"target": target}
     for arm, seeds in runs.items():
         reached = [r.reach(key, target) for r in seeds]
         fractions = [[x[i] / scale[i] for x in reached if x] for i in range(3)]
         speed = [statistics.mean(m["tokens_per_s"] for m in r.metrics) for r in seeds]
         finals = {L: [r.evals[-1][f"val/loss@{L}"] for r in seeds] for L in study.lengths}
+        gap = f"{statistics.mean(fractions[0]) - study.goal:+.2f}" if fractions[0] else "never reached"
         lines.append(f"| {arm} | {tuned_setting(study, out, arm)} | {mean_sd(speed, ',.0f')} | " +
                      " | ".join(mean_sd(finals[L], ".3f") for L in study.lengths) +
-                     f" | {len(fractions[0])}/{len(seeds)} | " +
-                     " | ".join(mean_sd(f, ".2f") for f in fractions) + " |")
+                     f" | {len(fractions[0])}/{len(seeds)} | {mean_sd(fractions[0], '.2f')} | {gap} | " +
+                     " | ".join(mean_sd(f, ".2f") for f in fractions[1:]) + " |")
         summary[arm] = {"final": {L: statistics.mean(v) for L, v in finals.items()}, "time_to_target": fractions[0],
                         "flops_to_target": fractions[1], "tokens_to_target": fractions[2]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -246,7 +248,10 @@ def main() -> None:
         import shutil
         for path in written:
             shutil.copy(path, ROOT / "docs" / f"{study.prefix}{path.name}")
-    text = f"{table}\n\nStudy wall time (this invocation): {(time.perf_counter() - start) / 60:.1f} min\n"
+    spent = out / "wall_minutes.json"  # every invocation's minutes: a resumed study's total is their sum
+    minutes = json.loads(spent.read_text()) if spent.is_file() else []
+    spent.write_text(json.dumps(minutes := minutes + [round((time.perf_counter() - start) / 60, 1)]))
+    text = f"{table}\n\nStudy wall time: {sum(minutes):.1f} min ({' + '.join(map(str, minutes))}, per invocation)\n"
     (out / "study.md").write_text(text)
     print(text)
 
