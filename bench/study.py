@@ -5,8 +5,9 @@ The study (default): fixed, uniform, linear, staged and pow2 at lengths 64-1024,
 (tune_configs/study-long/NAME.yaml), arms fixed (the baseline), crossed (the baseline's tuned config with
 documents crossed: concatenate and chunk), batch (a batch-size warmup at 4096), the four schedules, and pbt
 (a population-based search whose replayed schedule is the arm). For every arm:
-  1. ``raytrain tune``: a grid over train.lr and the arm's own main setting, equal tokens, ASHA on tokens
-     (pbt: Ray Tune's PBT; crossed: no search of its own);
+  1. ``raytrain tune``: a grid over train.lr and the arm's own main setting, equal tokens (the study: ASHA on
+     tokens; the long study: every trial to the end, since ASHA's stops on one noisy evaluation of 24-step runs
+     cut the baseline's better learning rates; pbt: Ray Tune's PBT; crossed: no search of its own);
   2. the best config trained again at every seed (``raytrain tune`` over run.seed, FIFO);
   3. final validation losses (mean and spread over seeds), tokens/s, and the training time, model FLOPs
      and tokens each run needs to reach the baseline's final val/loss at the longest length (its seed
