@@ -60,16 +60,18 @@ LONG = Study("long-", ROOT / "tune_configs" / "study-long",
              derived={"crossed": ("fixed", {"data.cross_documents": True})})
 
 
-def run_study(study: Study, out: Path) -> None:
-    """Steps 1 and 2 for every arm (each step skipped once its best_config.yaml exists)."""
+def run_study(study: Study, out: Path) -> bool:
+    """Steps 1 and 2 for every arm (each step skipped once its best_config.yaml exists); whether any ran."""
     import yaml
 
     from raytrain.tune import tune_main
+    ran = False
     for arm in study.arms:
         source, overrides = study.derived.get(arm, (arm, {}))
         search = out / f"{study.prefix}{source}"
         if not (search / "best_config.yaml").is_file():
             tune_main(str(study.configs / f"{source}.yaml"), [f"dir={out}"], resume=(search / "tuner.pkl").is_file())
+            ran = True
         seeds = out / f"{study.prefix}{arm}-seeds"
         if not (seeds / "best_config.yaml").is_file():
             spec = {"name": seeds.name, "dir": str(out),
@@ -79,6 +81,8 @@ def run_study(study: Study, out: Path) -> None:
             path = out / f"{seeds.name}.yaml"
             path.write_text(yaml.safe_dump(spec))
             tune_main(str(path), [], resume=(seeds / "tuner.pkl").is_file())
+            ran = True
+    return ran
 
 
 @dataclass
@@ -137,8 +141,11 @@ def tuned_setting(study: Study, out: Path, arm: str) -> str:
     source, overrides = study.derived.get(arm, (arm, {}))
     cfg = yaml.safe_load((out / f"{study.prefix}{arm}-seeds" / "best_config.yaml").read_text())
     spec = yaml.safe_load((study.configs / f"{source}.yaml").read_text())
-    keys = ["train.lr", "lengths.stages", "train.lr_changes"] if spec["scheduler"]["type"] == "pbt" \
-        else list(spec["search"])
+    if spec["scheduler"]["type"] == "pbt":  # the replay: one stage per step trained, and any lr changes
+        stages, changes = cfg["lengths"]["stages"], cfg["train"].get("lr_changes") or []
+        return (f"lr {cfg['train']['lr']:.2g}, {len(stages)} replayed stages of lengths {min(L for _, L in stages)}-"
+                f"{cfg['lengths']['max']}, {len(changes)} lr changes")
+    keys = list(spec["search"])
     shown = []
     for key in keys:
         section, name = key.split(".")
@@ -209,7 +216,7 @@ def plot(study: Study, runs: dict, out: Path) -> list[Path]:
                     color=colors[arm], alpha=0.8, label=arm if i == 0 else None)
     finals = [e[key] for seeds in runs.values() for r in seeds for e in r.evals[-1:]]
     ax.set(xlabel="training time (s; evaluation excluded)", ylabel=key, ylim=(None, max(finals) + 0.6),
-           title=f"{key} against training time, seeds {study.seeds}, each arm at its tuned setting")
+           title=f"{key} against training time, each arm tuned, seeds {study.seeds}")
     ax.legend()
     fig.tight_layout()
     curves = out / "curves.png"
@@ -242,7 +249,7 @@ def main() -> None:
     out = Path(args.out or ("runs/study-long" if args.long else "runs/study")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    run_study(study, out)
+    trained = run_study(study, out)
     table, runs = analyse(study, out)
     written = plot(study, runs, out)
     if args.docs:
@@ -251,7 +258,8 @@ def main() -> None:
             shutil.copy(path, ROOT / "docs" / f"{study.prefix}{path.name}")
     spent = out / "wall_minutes.json"  # every invocation's minutes: a resumed study's total is their sum
     minutes = json.loads(spent.read_text()) if spent.is_file() else []
-    spent.write_text(json.dumps(minutes := minutes + [round((time.perf_counter() - start) / 60, 1)]))
+    if trained:  # an invocation that only analyses adds nothing
+        spent.write_text(json.dumps(minutes := minutes + [round((time.perf_counter() - start) / 60, 1)]))
     text = f"{table}\n\nStudy wall time: {sum(minutes):.1f} min ({' + '.join(map(str, minutes))}, per invocation)\n"
     (out / "study.md").write_text(text)
     print(text)
