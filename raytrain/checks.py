@@ -91,10 +91,10 @@ def environment_problems(s: dict) -> list[Problem]:
     if model.pretrained is not None:
         pretrained = pretrained_problems(model.pretrained, s["lengths"], s["eval"], tokenizer, spec)
         problems += pretrained
-        apart = [("data.cross_documents", False, "set data.cross_documents: true")] if not data.cross_documents \
-            else [("eval.documents", "apart", "set eval.documents: crossed")] if s["eval"].documents == "apart" else []
+        apart = ("data.cross_documents", False, "set data.cross_documents: true") if not data.cross_documents \
+            else ("eval.documents", "apart", "set eval.documents: crossed") if s["eval"].documents == "apart" else None
         if apart and not any(key == "model.pretrained" for key, _, _ in pretrained):
-            problems += document_attention_problems(model.pretrained, *apart[0])
+            problems += document_attention_problems(model.pretrained, *apart)
     if run.init_from is not None and "://" not in run.init_from:
         problems += init_from_problems(run.init_from, model)
     for name in missing_trackers(run.loggers):
