@@ -16,7 +16,10 @@ the goal beside the totals, and each command's whole wall time (start-up,
 workers" as Ray Train's controller logged it (its JSON log in the Ray session's
 ``logs/train``): worker processes created, their train context set up, the
 train function shipped (which imports raytrain.train and so torch, DeepSpeed
-and transformers in each worker).
+and transformers in each worker). First, the floor: a bare Ray Train script
+(start Ray, a TorchTrainer whose train function only notes the time, 2 workers x
+1 CPU, as the default), timed the same way, so what raytrain adds shows apart
+from what any trainer on Ray Train pays on this machine.
 """
 from __future__ import annotations
 
@@ -52,12 +55,32 @@ def ray_train_split() -> dict[str, dict[str, float]]:
     return split
 
 
-def run(command: list[str]) -> float:
+def floor() -> None:
+    """The bare Ray Train script (run with ``--floor`` in its own process): prints its stages as JSON."""
+    import psutil
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    stamps = {"command": psutil.Process().create_time(), "Python, imports and the config": time.time()}
+    ray.init(log_to_driver=False)
+    stamps["Ray"] = time.time()
+    entered = Path(tempfile.mkdtemp(prefix="raytrain-floor-")) / "entered"
+    TorchTrainer(lambda: entered.write_text(str(time.time())),  # the workers share this machine's disk
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="floor", storage_path=str(entered.parent))).fit()
+    stamps["Ray Train's workers"] = float(entered.read_text())
+    times = list(stamps.values())
+    print(json.dumps({stage: end - begin for stage, begin, end in zip(list(stamps)[1:], times, times[1:])} |
+                     {"total": times[-1] - times[0]}))
+
+
+def run(command: list[str]) -> tuple[float, str]:
+    """(the command's wall time, its output)."""
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, done.stdout
 
 
 def tune_trials(root: Path, cache: str) -> list[tuple[dict, float]]:
@@ -68,7 +91,7 @@ def tune_trials(root: Path, cache: str) -> list[tuple[dict, float]]:
             "search": {"run.seed": {"grid": [1, 2]}}, "objective": {"metric": "val/loss@512", "mode": "min"},
             "scheduler": {"type": "fifo"}}
     (root / "startup.yaml").write_text(yaml.safe_dump(spec))
-    wall = run(["raytrain", "tune", "-c", str(root / "startup.yaml")])
+    wall, _ = run(["raytrain", "tune", "-c", str(root / "startup.yaml")])
     split = ray_train_split()
     trials = sorted((root / "startup" / "trials").iterdir())
     return [(json.loads((t / "startup.json").read_text()), wall, split.get(t.name, {})) for t in trials]
@@ -78,17 +101,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir (default: a fresh one, so run 1 is cold)")
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # the bare script's own process
     args = parser.parse_args()
+    if args.floor:
+        return floor()
     root = Path(tempfile.mkdtemp(prefix="raytrain-startup-"))
     cache = args.cache_dir or str(root / "cache")
-    rows = []
+    wall, out = run([sys.executable, __file__, "--floor"])
+    rows = [("bare Ray Train (the floor)", json.loads(out.splitlines()[-1]), wall,
+             ray_train_split().get("floor", {}))]
     for i in range(args.runs):
-        wall = run(["raytrain", "train", f"run.dir={root}", f"run.name=run{i}", f"data.cache_dir={cache}", *SHORT])
+        wall, _ = run(["raytrain", "train", f"run.dir={root}", f"run.name=run{i}", f"data.cache_dir={cache}", *SHORT])
         kind = "cold" if i == 0 and not args.cache_dir else "warm"
         rows.append((f"`raytrain train` {i + 1} ({kind})", json.loads((root / f"run{i}" / "startup.json").read_text()),
                      wall, ray_train_split().get(f"run{i}", {})))
     rows += [(f"Tune trial {i + 1} of 2", *trial) for i, trial in enumerate(tune_trials(root, cache))]
-    stages = [k for k in rows[0][1] if k != "total"]
+    stages = [k for k in rows[1][1] if k != "total"]
     print("| run | " + " | ".join(stages) + " | to the first step | goal | whole command |")
     print("|---|" + "---|" * (len(stages) + 3))
     for name, times, wall, _ in rows:

@@ -12,6 +12,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import psutil  # when this process started: the start-up's first stage
+
 from raytrain.config import DataConfig, reference
 from raytrain.console import capture, say
 from raytrain.errors import SearchFailed, StartFailed, TrainingStopped
@@ -32,7 +34,7 @@ def train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.run.name = run_directory(cfg).name  # fixed now: the library log goes into the run's directory
     with capture(run_directory(cfg) / LIBRARIES_LOG, args.verbose):
-        fit(cfg)
+        fit(cfg, command_started=psutil.Process().create_time())
     return 0
 
 

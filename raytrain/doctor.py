@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from raytrain.checks import resource_problems, worker_resources
 from raytrain.config import Config
-from raytrain.launch import scaling_config, start_timeout
+from raytrain.launch import controller_settings, scaling_config
 from raytrain.prepare import corpus_directory
 from raytrain.section import ConfigError
 
@@ -98,7 +98,7 @@ def node_checks(cfg: Config) -> list[Check]:
         scaling_config=scaling_config(cfg.scaling),
         run_config=RunConfig(name=f"doctor-{uuid.uuid4().hex[:8]}", storage_path=tempfile.mkdtemp(),
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=0)))
-    with start_timeout(min(cfg.scaling.start_timeout_s, 120)):
+    with controller_settings(min(cfg.scaling.start_timeout_s, 120)):
         try:
             trainer.fit()
         except Exception as err:  # noqa: BLE001 - the workers could not run at all: say why, as one check

@@ -19,7 +19,7 @@ from raytrain.checks import worker_resources
 from raytrain.config import Config, ScalingConfig, flatten
 from raytrain.data import check_corpus, open_corpus
 from raytrain.errors import StartFailed, TrainingStopped
-from raytrain.ops import build_comm_op
+from raytrain.ops import build_comm_op, comm_op_built
 from raytrain.prepare import prepare
 from raytrain.section import ConfigError
 from raytrain.summary import closing_summary
@@ -28,6 +28,7 @@ from raytrain.trackers import create_mlflow_store
 from raytrain.train import train_worker
 
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+POLL_INTERVAL, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 LIBRARIES_LOG = "libraries.log"  # what every other library printed (console.capture)
 STOPPED = "stopped.txt"  # rank 0 writes why it stopped the run early (non-finite losses)
 # Keys a resumed run may change: where and how wide it runs, not what it computes (the loss is normalized over
@@ -41,9 +42,12 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.dir).expanduser().resolve() / name
 
 
-def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
-    """Train ``cfg`` on ``scaling.num_workers`` Ray Train workers; ``runtime_env`` is merged into theirs."""
+def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None, command_started: float | None = None):
+    """Train ``cfg`` on ``scaling.num_workers`` Ray Train workers; ``runtime_env`` is merged into theirs.
+    ``command_started``: when the command's process started (the CLI's), so start-up counts its imports."""
     started, stamps = time.monotonic(), [("command", time.time())]
+    if command_started is not None:
+        stamps = [("command", command_started), ("Python, imports and the config", time.time())]
     run_dir = run_directory(cfg)
     cfg.run.name = run_dir.name
     check_same_run(run_dir, cfg)
@@ -56,7 +60,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
     corpus_dir = prepare(cfg.data, cfg.tokenizer)
     corpus = open_corpus(corpus_dir)
     check_corpus(corpus, cfg.lengths.max, cfg.eval.lengths)
-    if not cfg.scaling.use_gpu:  # once, here, where its progress shows: never a silent wait in the workers
+    if not cfg.scaling.use_gpu and not comm_op_built():  # here, where its progress shows, not in the workers
         build_comm_op(console.say)
     stamps.append(("corpus and DeepSpeed's op", time.time()))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +87,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
                              callbacks=list(callbacks), worker_runtime_env=env),
     )
     (run_dir / STOPPED).unlink(missing_ok=True)
-    with start_timeout(cfg.scaling.start_timeout_s):
+    with controller_settings(cfg.scaling.start_timeout_s):
         try:
             result = trainer.fit()
         except ControllerError as err:
@@ -99,18 +103,22 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None):
 
 
 @contextmanager
-def start_timeout(seconds: float):
-    """How long Ray Train's controller waits for the worker group to be placed (it reads the variable, which
-    Ray Train hands from the driver's environment to the controller)."""
-    before = os.environ.get(START_TIMEOUT)
-    os.environ[START_TIMEOUT] = str(seconds)
+def controller_settings(start_timeout_s: float):
+    """What Ray Train's controller reads from the variables Ray Train hands it from the driver's environment:
+    how long it waits for the worker group to be placed (scaling.start_timeout_s), and how often it polls the
+    workers, unless the environment says. The controller notices that training finished only at a poll; its
+    default of every 2 s left each run's end waiting 1 s on average, a poll costs a few milliseconds."""
+    settings = {START_TIMEOUT: str(start_timeout_s), POLL_INTERVAL: os.environ.get(POLL_INTERVAL, POLL_S)}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(START_TIMEOUT)
-        else:
-            os.environ[START_TIMEOUT] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def unplaced(scaling: ScalingConfig) -> str:

@@ -24,6 +24,12 @@ def extensions_dir() -> Path:
         return Path("~/.cache/raytrain/torch-extensions").expanduser() / key
 
 
+def comm_op_built() -> bool:
+    """A finished build is on disk (then only the workers load it: the driver need not import DeepSpeed)."""
+    op = extensions_dir() / COMM_OP
+    return bool(list(op.glob("*.so"))) and not (op / "lock").exists()
+
+
 def build_comm_op(say=console.say) -> None:
     """Build (once) or load DeepSpeed's CPU shared-memory communication op, never waiting on a dead build.
 

@@ -185,7 +185,8 @@ def build_engine(cfg: Config, vocab_size: int, eot: int, world: int):
     ds = deepspeed_config(cfg.deepspeed, cfg.train, world, cfg.bf16, Buckets.of(module))
     if compiling and ds["zero_optimization"]["stage"] == 3:
         compiled.mark_zero3_leaves(module, lm)
-    engine = init_engine(module, ds)
+    with compiled.unless_compiling(compiling):
+        engine = init_engine(module, ds)
     if compiling:
         compiled.compile_blocks(lm, documents_apart=not cfg.data.cross_documents)
     snapshot_writer(engine)  # checkpoints copied and written in the background (checkpoint.py)
