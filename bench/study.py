@@ -33,8 +33,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raytrain.evaluate import position_losses  # noqa: E402
 from raytrain.report import read_jsonl  # noqa: E402
+from raytrain.runlog import position_losses  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import compilation_time_metrics, counters
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DISABLE_ENV = "TORCHDYNAMO_DISABLE"
@@ -113,6 +112,7 @@ def compile_blocks(lm, documents_apart: bool) -> int:
 def report() -> dict:
     """What compilation did in this process so far: graphs compiled per family (a recompilation is one more),
     seconds compiling (forward and backward), and inductor's cache hits and misses."""
+    from torch._dynamo.utils import compilation_time_metrics, counters  # here: the driver never loads dynamo
     seconds = sum(sum(values) for name, values in compilation_time_metrics.items()
                   if name in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"))
     return {"block_graphs": GRAPHS["block"], "head_graphs": GRAPHS["head"],

@@ -11,6 +11,7 @@ import torch
 from raytrain.config import EvalConfig
 from raytrain.data import TokenStream
 from raytrain.loss import position_buckets
+from raytrain.runlog import length_losses
 from raytrain.steps import eval_offsets, micro_batches, shard
 
 
@@ -73,17 +74,3 @@ def summarize_eval(results: dict, longest_trained: int) -> dict:
     if f"val/loss@{longest_trained}" in results:
         summary["val/loss@max"] = results[f"val/loss@{longest_trained}"]
     return summary
-
-
-def length_losses(record: dict) -> dict[int, float]:
-    """{L: val/loss@L} of an evaluation record (not its position buckets, nor @max / @mean)."""
-    return dict(sorted((int(key[9:]), value) for key, value in record.items()
-                       if key.startswith("val/loss@") and key[9:].isdigit()))
-
-
-def position_losses(record: dict, length: int) -> list[tuple[int, int, float]]:
-    """[(first position, last position, loss)] of the buckets at ``length``, in position order."""
-    prefix = f"val/loss@{length}/pos"
-    found = [(*map(int, key[len(prefix):].split("-")), value) for key, value in record.items()
-             if key.startswith(prefix)]
-    return sorted(found)

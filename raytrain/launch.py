@@ -1,4 +1,4 @@
-"""The driver: prepare the corpus once, start (or join) Ray, run ``train_worker`` on Ray Train workers."""
+"""The driver: prepare the corpus once, start (or join) Ray, run ``train.train_worker`` on Ray Train workers."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,6 @@ from raytrain.section import ConfigError
 from raytrain.summary import closing_summary
 from raytrain.tokenizer import load_tokenizer
 from raytrain.trackers import create_mlflow_store
-from raytrain.train import train_worker
 
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 POLL_INTERVAL, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
@@ -73,7 +72,7 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None, comm
     env = dict(runtime_env or {})
     env["env_vars"] = {**worker_vars, **env.get("env_vars", {})}
     trainer = TorchTrainer(
-        train_worker,
+        run_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "stamps": stamps,
                            "corpus": str(corpus_dir), "tokenizer_dir": str(run_dir / "tokenizer")},
         scaling_config=scaling_config(cfg.scaling),
@@ -100,6 +99,14 @@ def fit(cfg: Config, callbacks: list = (), runtime_env: dict | None = None, comm
     console.say(closing_summary(run_dir, cfg, time.monotonic() - started,
                                 LIBRARIES_LOG if (run_dir / LIBRARIES_LOG).exists() else None))
     return result
+
+
+def run_worker(payload: dict) -> None:
+    """What Ray Train ships to each worker (by reference): ``train.train_worker``, imported there, so that the
+    driver (and each Tune trial's process) never imports what only workers run: the model code of transformers,
+    DeepSpeed and torch's compiler, seconds of every command's start-up."""
+    from raytrain.train import train_worker  # in the worker: see the docstring
+    train_worker(payload)
 
 
 @contextmanager

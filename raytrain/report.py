@@ -6,10 +6,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no backend, no window, no global figure state
 
-from raytrain.evaluate import length_losses, position_losses
 from raytrain.generate import samples
 from raytrain.loading import load_config
-from raytrain.runlog import read_records
+from raytrain.runlog import length_losses, position_losses, read_records
 from raytrain.steps import Planner
 
 

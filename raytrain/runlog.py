@@ -13,7 +13,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from raytrain import console
-from raytrain.evaluate import length_losses
 
 RECORDS = ("metrics.jsonl", "eval.jsonl")
 LINEAGE = "lineage.json"  # a run started from another's checkpoint: [{from_step, run, lr, changed}, ...]
@@ -131,3 +130,17 @@ class NullRunLog:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def length_losses(record: dict) -> dict[int, float]:
+    """{L: val/loss@L} of an evaluation record (not its position buckets, nor @max / @mean)."""
+    return dict(sorted((int(key[9:]), value) for key, value in record.items()
+                       if key.startswith("val/loss@") and key[9:].isdigit()))
+
+
+def position_losses(record: dict, length: int) -> list[tuple[int, int, float]]:
+    """[(first position, last position, loss)] of the buckets at ``length``, in position order."""
+    prefix = f"val/loss@{length}/pos"
+    found = [(*map(int, key[len(prefix):].split("-")), value) for key, value in record.items()
+             if key.startswith(prefix)]
+    return sorted(found)

@@ -272,7 +272,8 @@ def test_position_buckets_sum_back_to_the_overall_loss_and_match_an_independent_
     """Token-weighted, the buckets give val/loss@L (1e-6); each bucket equals cross-entropy computed directly
     on the same windows at those positions."""
     from raytrain.data import TokenStream
-    from raytrain.evaluate import evaluate, position_losses
+    from raytrain.evaluate import evaluate
+    from raytrain.runlog import position_losses
     from raytrain.steps import eval_offsets
     stream = TokenStream([np.random.RandomState(1).randint(0, 257, size=5000)])
     model = _model(2)
@@ -294,7 +295,8 @@ def test_a_model_that_ignores_context_has_equal_losses_in_every_bucket():
     """Zero transformer blocks: the logits at a position depend on that token alone. On a stream of one token
     repeated, every position sees the same input and target, so every bucket has the same loss."""
     from raytrain.data import TokenStream
-    from raytrain.evaluate import evaluate, position_losses
+    from raytrain.evaluate import evaluate
+    from raytrain.runlog import position_losses
     results = evaluate(CausalLMLoss(_model(0)), TokenStream([np.full(3000, 97)]), [128], 1024, lambda length: 4)
     losses = [loss for *_, loss in position_losses(results, 128)]
     assert len(losses) == 8 and losses == pytest.approx([results["val/loss@128"]] * 8, rel=1e-6)
