@@ -25,7 +25,9 @@ from raytrain.tokenizer import load_tokenizer
 
 GiB = 2**30
 USABLE = 0.9  # of a GPU's memory: the CUDA context, NCCL buffers and allocator fragmentation take the rest
-SHM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20  # DeepSpeed's CPU all-reduce workspace per rank (shm.cpp), mapped by all
+# DeepSpeed's CPU all-reduce workspace (shm.cpp): a shared segment per rank, written whole at start; every rank maps
+# all of them, but each segment's memory is its own rank's (counted once per rank, not once per mapping)
+SHM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20
 FLAT_ALLREDUCE = 500_000_000  # ZeRO-0 all-reduces gradients flattened into buffers of this many elements (engine.py)
 
 
@@ -82,7 +84,7 @@ def buffer_bytes(stage: int, buckets: Buckets, params: int, persistent: int, use
         buffers["gathered parameters"] = 4 * (buckets.live + buckets.block)  # kept live + prefetched
         buffers["persistent parameters"] = 4 * persistent  # ZeRO-3 keeps small ones whole on every rank
     if not use_gpu:
-        buffers["CPU all-reduce workspaces"] = world * SHM_WORKSPACE
+        buffers["CPU all-reduce workspace"] = SHM_WORKSPACE
     return buffers
 
 
