@@ -20,7 +20,6 @@ from pydantic import Field
 from raytrain.config import Config, flatten
 from raytrain.lengths import SCHEDULES
 from raytrain.loading import apply_overrides, load_config, read_yaml, validate_section
-from raytrain.plan import fit_problem
 from raytrain.section import ConfigError, Section
 
 DISTRIBUTIONS = {"choice", "uniform", "loguniform", "randint", "quniform", "grid"}
@@ -233,6 +232,7 @@ def trial_problem(spec: TuneSpec, base_path: Optional[str], params: dict) -> Opt
         cfg = trial_config(spec, base_path, params, "check", "/tmp")
     except ConfigError as err:
         return "; ".join(f"{k} = {v!r}: {fix}" for k, v, fix in err.problems)
+    from raytrain.plan import fit_problem  # here: it loads transformers' models, and every command's help reads this
     return fit_problem(cfg)
 
 
