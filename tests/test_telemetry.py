@@ -58,3 +58,26 @@ def test_the_log_line_shows_tflops_mfu_grad_norm_and_memory(tmp_path, capsys):
                                   "elapsed_s": 2.5})
     line = capsys.readouterr().out
     assert "| 9,000 tok/s | 0.123 TFLOP/s | MFU 25.6% | grad norm 0.75 | data 1.2% | mem 1.50 GB |" in line
+
+
+GAUGED = """
+import numpy as np
+from raytrain.meter import MemoryGauge
+gauge = MemoryGauge()
+held = np.ones(100 * 2**20 // 8)  # 100 MiB, every page written
+print(gauge.peak())
+"""
+
+
+def test_the_memory_gauge_counts_what_this_process_allocates_not_its_parent():
+    """A process started by fork and exec (as Ray starts its workers, torch its spawned ranks) inherits its
+    parent's resident size as getrusage's peak. Started from this process holding 600 MiB more, a child that
+    allocates 100 MiB after making its gauge must read 100 MiB, not the parent's size."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    ballast = np.ones(600 * 2**20 // 8)
+    done = subprocess.run([sys.executable, "-c", GAUGED], capture_output=True, text=True, check=True)
+    assert ballast[-1] == 1.0
+    assert int(done.stdout.split()[-1]) / 2**20 == pytest.approx(100, abs=8)
