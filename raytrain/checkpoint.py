@@ -394,6 +394,10 @@ def load_full_state(engine, tensors: dict[str, dict[str, torch.Tensor]], step: f
     flats += list(getattr(engine.optimizer, "single_partition_of_fp32_groups", None) or [])  # ZeRO-1/2
     for flat in {id(f): f for f in flats}.values():
         optimizer.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 and BF16_Optimizer
+        # each parameter's view of the moments is linked only after the first step: link it to the state above
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, param in engine.module.named_parameters():
         saved = tensors[name]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # ZeRO-3: every rank gets rank 0's
