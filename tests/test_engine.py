@@ -227,3 +227,24 @@ def test_compiled_blocks_compile_once_for_every_length_and_train_like_eager(tmp_
         assert compiled["compiled"]["cache_misses"] >= 1
         assert again[0]["compiled"]["cache_misses"] == 0 and again[0]["compiled"]["cache_hits"] >= 1
         assert again[0]["losses"] == compiled["losses"]
+
+
+def eager_start(rank, world, out):
+    """An eager engine at ZeRO-1 (DeepSpeed's optimizer check imports its Muon module, which torch.compiles at
+    import): whether inductor's compiler got loaded, and TorchDynamo's switch afterwards."""
+    import os
+    import sys
+
+    from raytrain.train import build_engine
+    build_engine(config("deepspeed.zero_stage=1", "train.compile=false"), 257, EOT, world)
+    if rank == 0:
+        torch.save({"inductor": "torch._inductor.compile_fx" in sys.modules,
+                    "muon": "deepspeed.runtime.zero.muon.original_muon" in sys.modules,
+                    "switch": os.environ.get("TORCHDYNAMO_DISABLE")}, out)
+
+
+def test_an_eager_engine_starts_without_loading_the_compiler(tmp_path):
+    """DeepSpeed's Muon module is imported (so the check ran) but its torch.compile wrappers built nothing: the
+    1.2-1.7 s of inductor per worker is not paid, and TorchDynamo is left switched on for anything later."""
+    run_ranks(eager_start, 2, tmp_path / "start.pt")
+    assert torch.load(tmp_path / "start.pt") == {"inductor": False, "muon": True, "switch": None}
