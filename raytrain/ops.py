@@ -49,7 +49,7 @@ def build_comm_op(say=console.say) -> None:
             if stale.exists():
                 say(f"warning: removed a lock file left by a build that did not finish ({stale})")
                 stale.unlink()
-            if not list((root / COMM_OP).glob("*.so")):
+            if not comm_op_built():  # the stale lock is gone: no finished build on disk
                 say(f"building DeepSpeed's CPU communication op into {root} (once per installation, about a minute)")
             from deepspeed.accelerator import get_accelerator  # after DS_ACCELERATOR: DeepSpeed reads it at import
             builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
